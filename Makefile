@@ -1,0 +1,31 @@
+# dualrec: `make run` and `make test` set everything up themselves (Debian packages, venv).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup-system.sh
+	scripts/setup-system.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/dualrec-sim
+
+lint: setup
+	$(BIN)/ruff check firmware host_tools tests
+
+test: setup lint
+	$(BIN)/pytest -q -n 2 --durations=10
+
+bench: setup
+	$(BIN)/python -m tests.bench.run
+
+clean:
+	rm -rf $(VENV) run .pytest_cache

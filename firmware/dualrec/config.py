@@ -1,0 +1,205 @@
+"""Board profile and site configuration: TOML files, typed and validated.
+
+The board profile says what hardware is there and which backend drives it; the site config says
+who this device is, how it records and where its segments go. Unknown keys and out-of-range values
+are refused; every error names the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- board profile ---------------------------------------------------------------------------
+
+
+class BoardInfo(_Strict):
+    name: str
+    description: str = ""
+
+
+class CameraProfile(_Strict):
+    backend: Literal["sim", "picamera2", "none"]
+    width: Annotated[int, Field(ge=160, le=3840)] = 1280
+    height: Annotated[int, Field(ge=120, le=2160)] = 720
+    fps: Annotated[int, Field(ge=1, le=60)] = 30
+    gop: Annotated[int, Field(ge=1, le=300)] = 30
+    bitrate: Annotated[int, Field(ge=100_000, le=25_000_000)] = 4_000_000
+
+    @model_validator(mode="after")
+    def _even(self) -> CameraProfile:
+        if self.width % 2 or self.height % 2:
+            raise ValueError("width and height must be even for yuv420p")
+        return self
+
+
+class MicrophoneProfile(_Strict):
+    backend: Literal["sim", "pyaudio", "none"]
+    device: str = ""  # ALSA device name for pyaudio
+    rate: Literal[16000, 32000, 44100, 48000] = 48000
+    channels: Annotated[int, Field(ge=1, le=2)] = 1
+    block_frames: Annotated[int, Field(ge=64, le=8192)] = 960
+
+
+class OpLogProfile(_Strict):
+    backend: Literal["serial", "picotap", "none"] = "serial"
+    port: str = ""  # may be overridden by the site config
+
+
+class PanelProfile(_Strict):
+    backend: Literal["sim", "rpigpio"] = "sim"
+
+
+class ClockProfile(_Strict):
+    source: Literal["system", "rtc"] = "system"
+    step_threshold_ms: Annotated[int, Field(ge=1, le=60_000)] = 100
+
+
+class SimProfile(_Strict):
+    clap_period_ms: Annotated[int, Field(ge=500, le=600_000)] = 7000
+
+
+class BoardProfile(_Strict):
+    board: BoardInfo
+    camera: CameraProfile
+    microphone: MicrophoneProfile
+    oplog: OpLogProfile = OpLogProfile()
+    panel: PanelProfile = PanelProfile()
+    clock: ClockProfile = ClockProfile()
+    sim: SimProfile | None = None
+
+
+# --- site config -----------------------------------------------------------------------------
+
+
+class DeviceSection(_Strict):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    key: Path  # Ed25519 private key, PKCS#8 PEM
+
+
+class RecordingSection(_Strict):
+    mode: Literal["session", "continuous"] = "session"
+    preroll_ms: Annotated[int, Field(ge=0, le=60_000)] = 5000
+    postroll_ms: Annotated[int, Field(ge=0, le=60_000)] = 2000
+    segment_ms: Annotated[int, Field(ge=1000, le=600_000)] = 10_000
+    max_session_ms: Annotated[int, Field(ge=10_000, le=24 * 3600_000)] = 4 * 3600_000
+
+
+class OpLogSection(_Strict):
+    port: str = ""
+    baud: Literal[9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600] = 115200
+    encoding: Literal["gb18030", "utf-8"] = "gb18030"
+    line_end: Literal["\r\n", "\n", "\r"] = "\r\n"
+    max_line: Annotated[int, Field(ge=80, le=65536)] = 4096
+    start_patterns: list[str] = ["交易开始"]
+    stop_patterns: list[str] = ["交易结束"]
+
+    @field_validator("start_patterns", "stop_patterns")
+    @classmethod
+    def _regex(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"pattern {p!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
+class SealSection(_Strict):
+    recipients: Annotated[list[str], Field(min_length=1)]
+    escrow: str | None = None
+
+    @field_validator("recipients")
+    @classmethod
+    def _age(cls, recipients: list[str]) -> list[str]:
+        import pyrage
+
+        for r in recipients:
+            try:
+                pyrage.x25519.Recipient.from_str(r)
+            except Exception:
+                raise ValueError(f"{r!r} is not an age X25519 recipient (age1...)") from None
+        return recipients
+
+
+class SpoolSection(_Strict):
+    dir: Path
+    state: Path
+
+
+class SiteConfig(_Strict):
+    device: DeviceSection
+    recording: RecordingSection = RecordingSection()
+    oplog: OpLogSection = OpLogSection()
+    seal: SealSection
+    spool: SpoolSection
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key"
+        elif err["type"] == "missing":
+            reason = "required key is missing"
+        lines.append(f"  {key}: {reason}")
+    return "\n".join(lines)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_board(path: Path) -> BoardProfile:
+    try:
+        return BoardProfile.model_validate(_read_toml(path))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None
+
+
+def load_site(path: Path) -> SiteConfig:
+    """Load the site config; relative paths in it are relative to the file's directory."""
+    try:
+        cfg = SiteConfig.model_validate(_read_toml(path))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None
+    base = path.parent
+    return cfg.model_copy(
+        update={
+            "device": cfg.device.model_copy(update={"key": _resolve(base, cfg.device.key)}),
+            "spool": SpoolSection(
+                dir=_resolve(base, cfg.spool.dir), state=_resolve(base, cfg.spool.state)
+            ),
+        }
+    )

@@ -1,0 +1,223 @@
+"""The gateway daemon: wires sources → recorder → segmenter → sealer → spool and runs them.
+
+Sources push samples from their own threads into one queue; one recorder thread consumes it, so
+the session state machine and segmenter need no locks. Sealing runs on its own thread in seq
+order; a segment that cannot be sealed (disk full) is kept in memory and retried, and the fault is
+put on record and on the fault LED until it clears.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from dualrec.chain import ChainState
+from dualrec.config import BoardProfile, SiteConfig
+from dualrec.devices.base import DeviceError
+from dualrec.devices.factory import Devices, build_devices
+from dualrec.recorder import Recorder
+from dualrec.samples import Event, Sample
+from dualrec.sealer import Sealed, Sealer, SealError
+from dualrec.segment import Segment
+from dualrec.segmenter import Segmenter
+from dualrec.timebase import ClockWatcher, Timebase
+
+log = logging.getLogger("dualrec.gateway")
+
+SEAL_RETRY_S = 1.0
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def load_device_key(path: Path):  # -> Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise DeviceError(
+            f"device key {path}: file not found (run dualrec-tool keys device)"
+        ) from None
+    except ValueError as exc:
+        raise DeviceError(f"device key {path}: not a PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise DeviceError(f"device key {path}: not an Ed25519 key")
+    return key
+
+
+@dataclass
+class Stats:
+    sealed: list[Sealed] = field(default_factory=list)
+    seal_failures: int = 0
+
+
+class SealWorker:
+    """Seals segments in order on its own thread, retrying what fails; never drops one."""
+
+    def __init__(self, sealer: Sealer, report: Callable[[Event], None],
+                 on_fault: Callable[[str | None], None], stats: Stats) -> None:
+        self._sealer = sealer
+        self._report = report
+        self._on_fault = on_fault
+        self._stats = stats
+        self._q: queue.Queue[Segment | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="sealer", daemon=True)
+        self._failing = False
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, seg: Segment) -> None:
+        self._q.put(seg)
+
+    def _run(self) -> None:
+        while True:
+            seg = self._q.get()
+            if seg is None:
+                return
+            while True:
+                try:
+                    sealed = self._sealer.seal(seg)
+                except SealError as exc:
+                    self._stats.seal_failures += 1
+                    log.error("%s", exc)
+                    if not self._failing:
+                        self._failing = True
+                        self._on_fault("seal")
+                        self._report(Event(time.monotonic_ns(), "fault",
+                                           {"device": "spool", "reason": str(exc)}))
+                    if self._stopping.wait(SEAL_RETRY_S) and self._give_up_on_stop():
+                        return
+                    continue
+                break
+            if self._failing:
+                self._failing = False
+                self._on_fault(None)
+                self._report(Event(time.monotonic_ns(), "fault_cleared", {"device": "spool"}))
+            self._stats.sealed.append(sealed)
+            log.info("sealed seq %d session %s#%d (%s, %d bytes)", sealed.seq, seg.session,
+                     seg.index, seg.reason, sealed.header["payload"]["size"])
+
+    def _give_up_on_stop(self) -> bool:
+        # On shutdown keep trying for a bounded time, then leave: what is in RAM is lost with
+        # the process either way, and the fault is already on the LED and in the log.
+        self._stop_deadline = getattr(self, "_stop_deadline", time.monotonic() + 10)
+        return time.monotonic() > self._stop_deadline
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stopping.set()
+        self._q.put(None)
+        self._thread.join(timeout)
+
+
+class Gateway:
+    def __init__(self, board: BoardProfile, site: SiteConfig,
+                 devices: Devices | None = None) -> None:
+        self.board, self.site = board, site
+        self.devices = devices or build_devices(board, site)
+        self.timebase = Timebase(source=board.clock.source,
+                                 step_threshold_ns=board.clock.step_threshold_ms * 1_000_000)
+        self.chain = ChainState(site.spool.state)
+        self.stats = Stats()
+        self.sealer = Sealer(
+            device_id=site.device.id, key=load_device_key(site.device.key),
+            recipients=site.seal.recipients + ([site.seal.escrow] if site.seal.escrow else []),
+            spool_dir=site.spool.dir, chain=self.chain, timebase=self.timebase,
+            boot_id=boot_id(),
+        )
+        self.q: queue.Queue[Sample] = queue.Queue()
+        panel = self.devices.panel
+        self.sealing = SealWorker(self.sealer, self.q.put, panel.set_fault, self.stats)
+        cam, mic = self.devices.camera, self.devices.microphone
+        rec = site.recording
+        self.segmenter = Segmenter(
+            segment_ns=rec.segment_ms * 1_000_000,
+            video_format=cam.format if cam else None,
+            audio_format=mic.format if mic else None,
+            emit=self.sealing.put,
+        )
+        self.recorder = Recorder(
+            segmenter=self.segmenter, emit=self.sealing.put, to_utc_ns=self.timebase.to_utc_ns,
+            on_recording=panel.set_recording, preroll_ns=rec.preroll_ms * 1_000_000,
+            postroll_ns=rec.postroll_ms * 1_000_000, max_session_ns=rec.max_session_ms * 1_000_000,
+            start_patterns=site.oplog.start_patterns, stop_patterns=site.oplog.stop_patterns,
+            continuous=rec.mode == "continuous",
+        )
+        self.watcher = ClockWatcher(self.timebase, self.q.put)
+
+    def _recover(self) -> None:
+        adopted, removed = self.sealer.recover()
+        for seq in adopted:
+            log.warning("adopted seq %d committed before an unclean stop", seq)
+        for path in removed:
+            log.warning("removed uncommitted %s", path.name)
+        left = self.chain.open_session()
+        if left is None:
+            return
+        session, prev_boot, next_index, _, last_end_utc = left
+        now = time.monotonic_ns()
+        ev = Event(now, "session_interrupted", {
+            "previous_boot_id": prev_boot, "last_segment_end_utc_ns": last_end_utc,
+            "same_boot": prev_boot == self.sealer.boot_id,
+            "reason": "the gateway stopped without closing the session (crash, kill or power loss)",
+        })
+        seg = Segment(session=session, index=next_index, origin_ns=now, start_ns=now,
+                      end_ns=now + 1, reason="interrupted", final=True, events=[ev])
+        self.stats.sealed.append(self.sealer.seal(seg))
+        log.warning("closed session %s interrupted by an unclean stop", session)
+
+    def run(self, stop: threading.Event, duration_s: float | None = None) -> Stats:
+        self._recover()
+        self.sealing.start()
+        d = self.devices
+        d.panel.start(self.q.put)
+        started = []
+        try:
+            for dev in (d.camera, d.microphone):
+                if dev is not None:
+                    dev.start(self.q.put, self.q.put)
+                    started.append(dev)
+            if d.oplog is not None:
+                d.oplog.start(self.q.put, self.q.put)
+                started.append(d.oplog)
+            self.watcher.start()
+            deadline = None if duration_s is None else time.monotonic() + duration_s
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                self._step(0.05)
+        finally:
+            for dev in started:
+                dev.stop()
+            self.watcher.stop()
+            while not self.q.empty():
+                self._step(0)
+            self.recorder.shutdown(time.monotonic_ns())
+            self.sealing.stop()
+            d.panel.set_recording(False)
+            d.panel.stop()
+            self.chain.close()
+        return self.stats
+
+    def _step(self, timeout: float) -> None:
+        try:
+            sample = self.q.get(timeout=timeout) if timeout else self.q.get_nowait()
+        except queue.Empty:
+            sample = None
+        now = time.monotonic_ns()
+        if sample is not None:
+            if isinstance(sample, Event) and sample.kind == "fault":
+                log.error("fault: %s", sample.detail)
+            self.recorder.handle(sample, now)
+        self.recorder.tick(now)

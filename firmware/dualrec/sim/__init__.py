@@ -1,0 +1,1 @@
+"""The simulated counter: camera, microphone, panel and a teller terminal process."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages dualrec needs, only those missing: ffmpeg/ffprobe (interop checks),
+# age (the reference decrypter), PortAudio headers (pyaudio builds against them), ALSA tools.
+set -euo pipefail
+packages=(ffmpeg age portaudio19-dev alsa-utils libasound2-plugins)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "installing Debian packages: ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,63 @@
+"""Shared fixtures: keys, a site config in a temp dir, segment building helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyrage
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+ROOT = Path(__file__).resolve().parents[1]
+for sub in ("firmware", "host_tools"):
+    if str(ROOT / sub) not in sys.path:
+        sys.path.insert(0, str(ROOT / sub))
+
+
+@pytest.fixture
+def device_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def age_identity() -> pyrage.x25519.Identity:
+    return pyrage.x25519.Identity.generate()
+
+
+@pytest.fixture
+def key_files(tmp_path: Path, device_key: Ed25519PrivateKey, age_identity) -> dict[str, Path]:
+    """Device key (PEM), its public key, and an age identity file, written under tmp_path."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "device.key").write_bytes(device_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (keys / "device.pub").write_bytes(device_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (keys / "branch.agekey").write_text(f"# test identity\n{age_identity}\n")
+    return {"device_key": keys / "device.key", "device_pub": keys / "device.pub",
+            "identity": keys / "branch.agekey", "recipient": str(age_identity.to_public())}
+
+
+def write_site(path: Path, key_files: dict[str, Path], *, port: str = "loop://",
+               spool: Path | None = None, extra: str = "") -> Path:
+    spool = spool or path.parent / "spool"
+    path.write_text(f"""
+[device]
+id = "test-0001"
+key = "{key_files['device_key']}"
+
+[oplog]
+port = "{port}"
+
+[seal]
+recipients = ["{key_files['recipient']}"]
+
+[spool]
+dir = "{spool}"
+state = "{path.parent / 'state' / 'state.db'}"
+{extra}
+""")
+    return path
