@@ -150,6 +150,7 @@ class Recorder:
         self.seg.flush()
 
     def _seal_events_only(self, events: list[Event], reason: str) -> None:
+        self.seg.flush()  # a final segment still in its grace goes first: seqs follow time
         t = events[0].t_mono_ns
         seg = Segment(session="", index=0, origin_ns=t, start_ns=t, end_ns=t + 1,
                       reason=reason, final=True, events=list(events))

@@ -147,7 +147,7 @@ def age_plaintext_size(ciphertext_len: int, header_len: int) -> int | None:
     full, rest = divmod(body, AGE_CHUNK + AGE_TAG)
     if rest == 0:
         return full * AGE_CHUNK
-    if rest < AGE_TAG:
+    if rest < AGE_TAG or (rest == AGE_TAG and full > 0):  # an empty last chunk is forbidden
         return None
     return full * AGE_CHUNK + rest - AGE_TAG
 

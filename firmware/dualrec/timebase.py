@@ -107,8 +107,14 @@ class Timebase:
             return self.anchors[-1]
 
     def to_utc_ns(self, mono_ns: int) -> int:
-        a = self.current
-        return a.utc_ns + (mono_ns - a.mono_ns)
+        """UTC of a monotonic instant, through the anchor in force at that instant."""
+        with self._lock:
+            anchor = self.anchors[0]
+            for a in reversed(self.anchors):
+                if a.mono_ns <= mono_ns:
+                    anchor = a
+                    break
+        return anchor.utc_ns + (mono_ns - anchor.mono_ns)
 
     def check(self) -> Event | None:
         """Take a fresh anchor; return a clock_step event if UTC moved against monotonic."""

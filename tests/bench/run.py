@@ -1,0 +1,604 @@
+"""`make bench`: what the gateway costs against doing the same streams the plain way.
+
+Run as ``python -m tests.bench.run [--seconds 60]``. In order:
+
+1. Pre-encode a 1080p30 H.264 clip (~8 Mbit/s, GOP 30, textured moving content) once, in memory;
+   its encoding is not measured. It is replayed by ReplayCamera the way a Pi's hardware encoder
+   hands out access units.
+2. Run the real gateway in a child process (tests.bench.gateway_child) for --seconds in
+   continuous mode: ReplayCamera 1080p30, SimMicrophone 48 kHz, and the real SerialOpLog on a pty
+   fed by a busy terminal (tests.bench.oplog_writer, --oplog-rate lines/s of GB18030). Its CPU and
+   peak RSS come from wait4(), so they are the child's own; the child also reports its CPU around
+   Gateway.run alone, without interpreter start-up.
+3. Baseline on the same machine: the same H.264 stream, PCM and log bytes as files (written
+   before measuring), then ``ffmpeg -c copy -f matroska - | age -r R | sha256sum`` (with the log
+   bytes appended to age's input), measured the same way.
+4. Sealing throughput on real packed segments (~10 s each): Sealer.seal, pyrage.encrypt plus
+   the durable write, and the `age` CLI writing the same bytes to a file.
+
+It prints a table and writes the figures to run/bench.json. Nothing is asserted: a benchmark,
+not a test. With --profile, an extra (unmeasured) gateway run under py-spy lists hot spots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import pyrage
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dualrec.chain import ChainState
+from dualrec.devices.base import AudioFormat, VideoFormat
+from dualrec.durable import fsync_dir, write_durable
+from dualrec.samples import AudioBlock, Event, LogLine, VideoPacket
+from dualrec.sealer import Sealer
+from dualrec.segment import Segment
+from dualrec.sim.replay_camera import is_idr
+from dualrec.sim.terminal import stamp_line
+from dualrec.timebase import Timebase
+
+from .clip import encode_clip, looped, noise_pcm
+from .oplog_writer import bodies, log_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = 1_000_000_000
+MB = 1_000_000
+WIDTH, HEIGHT, FPS, GOP = 1920, 1080, 30, 30
+RATE = 48000
+BLOCK = 960  # SimMicrophone's default block: 20 ms
+# A child that overruns its run by this much is killed: the bench always ends by itself.
+GRACE_S = 120
+
+
+@dataclass
+class Usage:
+    """One child process's resources, as wait4() reports them (its waited-for children too)."""
+
+    wall_s: float
+    user_s: float
+    sys_s: float
+    maxrss_kib: int
+    exit_code: int
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.sys_s
+
+
+def run_measured(cmd: Sequence[str], *, timeout_s: float, stdin_data: bytes | None = None,
+                 **popen: Any) -> Usage:
+    """Run cmd to its end through tests.bench.measure and return its own rusage.
+
+    Not straight from here, and not RUSAGE_CHILDREN: a child's peak RSS would include this
+    process's size (the kernel keeps it over exec), and RUSAGE_CHILDREN's ru_maxrss is the
+    largest of all children ever waited for, not this one's.
+    """
+    with tempfile.NamedTemporaryFile(prefix="measure-", suffix=".json") as report:
+        wrapped = [sys.executable, "-m", "tests.bench.measure", "--out", report.name,
+                   "--timeout", str(timeout_s), "--", *cmd]
+        env = popen.pop("env", None) or child_env()
+        proc = subprocess.Popen(wrapped, stdin=subprocess.PIPE if stdin_data is not None else None,
+                                env=env, **popen)
+        if stdin_data is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin_data)
+            proc.stdin.close()
+        # The helper kills cmd at timeout_s; this bound only guards against the helper itself.
+        proc.wait(timeout_s + 30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"measuring {cmd[0]} failed ({proc.returncode})")
+        r = json.loads(Path(report.name).read_text())
+    return Usage(r["wall_s"], r["user_s"], r["sys_s"], r["maxrss_kib"], r["exit_code"])
+
+
+def child_env() -> dict[str, str]:
+    paths = [str(ROOT / "firmware"), str(ROOT / "host_tools"), str(ROOT)]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Keys:
+    device_key: Path
+    device: Ed25519PrivateKey
+    identity: pyrage.x25519.Identity
+    recipient: str
+
+
+def make_keys(directory: Path) -> Keys:
+    directory.mkdir(parents=True)
+    device = Ed25519PrivateKey.generate()
+    path = directory / "device.key"
+    path.write_bytes(device.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    identity = pyrage.x25519.Identity.generate()
+    return Keys(path, device, identity, str(identity.to_public()))
+
+
+def write_site(directory: Path, keys: Keys, port: Path) -> Path:
+    directory.mkdir(parents=True)
+    site = directory / "site.toml"
+    # 921600 baud: the pty ignores it, but a line carrying the bench's load would need it.
+    site.write_text(f"""
+[device]
+id = "bench-0001"
+key = "{keys.device_key}"
+
+[recording]
+mode = "continuous"
+
+[oplog]
+port = "{port}"
+baud = 921600
+
+[seal]
+recipients = ["{keys.recipient}"]
+
+[spool]
+dir = "{directory / 'spool'}"
+state = "{directory / 'state' / 'state.db'}"
+""")
+    return site
+
+
+def tool_version(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as exc:
+        return f"unavailable: {exc}"
+    return (out.stdout or out.stderr).splitlines()[0].strip() if (out.stdout or out.stderr) else ""
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pyav": av.__version__,
+        "ffmpeg": tool_version(["ffmpeg", "-version"]),
+        "age": tool_version(["age", "--version"]),
+    }
+
+
+# --- the gateway -----------------------------------------------------------------------------
+
+
+def run_gateway(work: Path, keys: Keys, clip_path: Path, seconds: float, oplog_rate: float,
+                wrapper: Sequence[str] = ()) -> tuple[Usage, dict[str, Any], dict[str, Any]]:
+    """One gateway child with its busy terminal; (wait4 usage, child report, writer summary)."""
+    link = work / "ttyBENCH"
+    site = write_site(work / "site", keys, link)
+    report = work / "gateway.json"
+    stderr_path = work / "gateway.stderr"
+    env = child_env()
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.oplog_writer", "--link", str(link),
+         "--rate", str(oplog_rate), "--duration-s", str(seconds + 60)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        ready = writer.stdout.readline()
+        if not ready.startswith("READY"):
+            raise RuntimeError(f"oplog writer did not start: {ready!r}")
+        cmd = [*wrapper, sys.executable, "-m", "tests.bench.gateway_child",
+               "--board", str(ROOT / "boards" / "sim.toml"), "--site", str(site),
+               "--clip", str(clip_path), "--width", str(WIDTH), "--height", str(HEIGHT),
+               "--fps", str(FPS), "--seconds", str(seconds), "--out", str(report)]
+        with stderr_path.open("wb") as err:
+            usage = run_measured(cmd, timeout_s=seconds + GRACE_S, cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    finally:
+        writer.terminate()
+        try:
+            out, _ = writer.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            writer.kill()
+            out, _ = writer.communicate()
+    summary = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    errors = stderr_path.read_text(errors="replace")
+    if usage.exit_code != 0 or not report.exists():
+        raise RuntimeError(f"gateway child failed ({usage.exit_code}):\n{errors[-3000:]}")
+    result = json.loads(report.read_text())
+    result["stderr_lines"] = errors.count("\n")
+    result["stderr_tail"] = errors.splitlines()[-5:]
+    return usage, result, summary
+
+
+def check_payload(spool: Path, identity: pyrage.x25519.Identity) -> dict[str, Any]:
+    """Decrypt the newest payload: proof that what was measured is a real, readable segment."""
+    payloads = sorted(spool.glob("*.payload.age"))
+    if not payloads:
+        return {"ok": False, "reason": "no payload"}
+    import io
+
+    plain = pyrage.decrypt(payloads[-1].read_bytes(), [identity])
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        members = {m.name: m.size for m in tar.getmembers()}
+    return {"ok": "media.mkv" in members, "file": payloads[-1].name, "members": members}
+
+
+# --- the baseline ----------------------------------------------------------------------------
+
+
+def run_baseline(work: Path, recipient: str, seconds: int, repeats: int) -> dict[str, Any]:
+    q = shlex.quote
+    pipeline = (
+        "set -o pipefail; { ffmpeg -nostdin -loglevel error "
+        f"-f h264 -framerate {FPS} -i {q(str(work / 'video.h264'))} "
+        f"-f s16le -ar {RATE} -ac 1 -i {q(str(work / 'audio.pcm'))} "
+        f"-c copy -f matroska - && cat {q(str(work / 'oplog.bin'))}; }} "
+        f"| age -r {q(recipient)} | sha256sum > {q(str(work / 'baseline.sha256'))}"
+    )
+    runs = []
+    for _ in range(repeats):
+        usage = run_measured(["bash", "-c", pipeline], timeout_s=GRACE_S)
+        if usage.exit_code != 0:
+            raise RuntimeError(f"baseline pipeline failed with {usage.exit_code}: {pipeline}")
+        runs.append(usage)
+    cpu = statistics.median(u.cpu_s for u in runs)
+    return {
+        "command": pipeline,
+        "runs": [asdict(u) for u in runs],
+        "cpu_s": cpu,
+        "wall_s": statistics.median(u.wall_s for u in runs),
+        "peak_rss_kib": max(u.maxrss_kib for u in runs),
+        "recorded_s": seconds,
+        "cpu_per_recorded_s": cpu / seconds,
+        "input_bytes": sum((work / n).stat().st_size
+                           for n in ("video.h264", "audio.pcm", "oplog.bin")),
+    }
+
+
+# --- sealing throughput ----------------------------------------------------------------------
+
+
+def bench_segment(units: list[bytes], seconds: int, oplog_rate: float) -> Segment:
+    """A real segment: `seconds` of the looped clip, PCM in SimMicrophone blocks, log lines."""
+    vf = VideoFormat("h264", WIDTH, HEIGHT, FPS)
+    seg = Segment("bench", 0, 0, 0, seconds * NS, reason="duration",
+                  video_format=vf, audio_format=AudioFormat(RATE, 1))
+    for i, unit in enumerate(looped(units, seconds * FPS)):
+        seg.video.append(VideoPacket(i * NS // FPS, unit, is_idr(unit), i))
+    pcm = noise_pcm(seconds)
+    for k in range(0, seconds * RATE, BLOCK):
+        seg.audio.append(AudioBlock(k * NS // RATE, pcm[2 * k : 2 * (k + BLOCK)], BLOCK))
+    source = bodies(1)
+    n_lines = int(seconds * oplog_rate)
+    for j in range(n_lines):
+        raw = stamp_line(next(source))
+        seg.lines.append(LogLine(j * seconds * NS // n_lines, raw,
+                                 raw.decode("gb18030").rstrip("\r\n")))
+    seg.events.append(Event(0, "session_start", {"trigger": "continuous"}))
+    return seg
+
+
+def _self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def bench_sealing(work: Path, keys: Keys, units: list[bytes], segments: int,
+                  segment_s: int, oplog_rate: float) -> dict[str, Any]:
+    seg = bench_segment(units, segment_s, oplog_rate)
+    timebase = Timebase()
+    plaintext = seg.pack(timebase.clock_json(seg.start_ns, seg.end_ns))
+    total = len(plaintext) * segments
+    recipients = [pyrage.x25519.Recipient.from_str(keys.recipient)]
+    out: dict[str, Any] = {"segment_plaintext_bytes": len(plaintext), "segments": segments}
+
+    def record(name: str, wall: float, cpu: float, nbytes: int = total) -> None:
+        out[name] = {"wall_s": wall, "cpu_s": cpu, "mb_per_s_wall": nbytes / MB / wall,
+                     "mb_per_s_cpu": nbytes / MB / cpu if cpu > 0 else None}
+
+    # Sealer.seal: the gateway's whole per-segment path (mux, tar, encrypt, hash, sign,
+    # two durable writes, chain commit), on the same segment each time.
+    spool = work / "seal" / "spool"
+    chain = ChainState(work / "seal" / "state" / "state.db")
+    sealer = Sealer(device_id="bench-0001", key=keys.device, recipients=[keys.recipient],
+                    spool_dir=spool, chain=chain, timebase=timebase, boot_id="bench")
+    c0, t0 = _self_cpu(), time.monotonic()
+    for i in range(segments):
+        seg.index = i
+        sealer.seal(seg)
+    record("sealer_seal", time.monotonic() - t0, _self_cpu() - c0)
+    chain.close()
+
+    # pyrage alone, then pyrage plus the durable write: the part age does.
+    c0, t0 = _self_cpu(), time.monotonic()
+    for _ in range(segments):
+        pyrage.encrypt(plaintext, recipients)
+    record("pyrage_encrypt", time.monotonic() - t0, _self_cpu() - c0)
+    durable_dir = work / "seal" / "pyrage"
+    durable_dir.mkdir(parents=True)
+    c0, t0 = _self_cpu(), time.monotonic()
+    for i in range(segments):
+        write_durable(durable_dir / f"{i}.age", pyrage.encrypt(plaintext, recipients))
+    record("pyrage_durable", time.monotonic() - t0, _self_cpu() - c0)
+
+    # The age CLI writing the same bytes to files, then fsync'd like write_durable does, so
+    # both sides pay for getting the bytes onto the disk.
+    age_dir = work / "seal" / "age"
+    age_dir.mkdir(parents=True)
+    wall = cpu = 0.0
+    for i in range(segments):
+        path = age_dir / f"{i}.age"
+        usage = run_measured(["age", "-r", keys.recipient, "-o", str(path)],
+                             timeout_s=GRACE_S, stdin_data=plaintext)
+        if usage.exit_code != 0:
+            raise RuntimeError(f"age failed with {usage.exit_code}")
+        c0, t0 = _self_cpu(), time.monotonic()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(age_dir)
+        # age's own time (from the measuring helper, so its start-up is not counted) plus the
+        # fsyncs done here.
+        wall += usage.wall_s + time.monotonic() - t0
+        cpu += usage.cpu_s + _self_cpu() - c0
+    record("age_cli_durable", wall, cpu)
+    return out
+
+
+# --- profiling -------------------------------------------------------------------------------
+
+
+def find_py_spy() -> str | None:
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def summarize_profile(folded: Path, top: int = 15) -> dict[str, list[tuple[str, float]]]:
+    """Self and inclusive shares of samples per function from py-spy's raw (folded) output,
+    imports left out."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.read_text(errors="replace").splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = stack.split(";")
+        if any("<frozen importlib" in f for f in frames):
+            continue  # start-up imports: not the gateway's running cost
+        total += count
+        if frames[0].startswith("thread ") or frames[0].startswith("process "):
+            threads[frames[0]] += count
+        own[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    if not total:
+        return {}
+
+    def share(c: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(name, n / total) for name, n in c.most_common(top)]
+
+    return {"self": share(own), "inclusive": share(incl), "threads": share(threads)}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    """Section titles (rows without a value) flush left, figures aligned under them."""
+    width = max(len(k) for k, v in rows if v)
+    return "\n".join(f"  {k:<{width}}  {v}" if v else k for k, v in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=60, help="gateway session length")
+    ap.add_argument("--clip-seconds", type=int, default=4)
+    ap.add_argument("--bitrate", type=int, default=8_000_000)
+    ap.add_argument("--oplog-rate", type=float, default=200.0, help="log lines per second")
+    ap.add_argument("--seal-segments", type=int, default=10)
+    ap.add_argument("--baseline-repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "run" / "bench.json")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the bench's files here (default: a temporary directory)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run the gateway under py-spy (unmeasured) and list hot spots")
+    args = ap.parse_args(argv)
+    if args.seconds < 12:
+        ap.error("--seconds must be at least 12 (one 10 s segment and its cut)")
+
+    with tempfile.TemporaryDirectory(prefix="dualrec-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        return _bench(args, work)
+
+
+def _bench(args: argparse.Namespace, work: Path) -> int:
+    seconds = args.seconds
+    info = machine_info()
+    print(f"dualrec bench: {seconds} s session, {info['cpu']} x{info['cores']}", flush=True)
+    keys = make_keys(work / "keys")
+
+    t0 = time.monotonic()
+    units = encode_clip(args.clip_seconds, WIDTH, HEIGHT, FPS, GOP, args.bitrate)
+    clip_bytes = sum(len(u) for u in units)
+    clip = {
+        "frames": len(units),
+        "bytes": clip_bytes,
+        "mbit_per_s": clip_bytes * 8 / (len(units) / FPS) / MB,
+        "keyframe_bytes": [len(u) for u in units if is_idr(u)],
+        "encode_s": time.monotonic() - t0,
+    }
+    print(f"clip: {len(units)} frames, {clip['mbit_per_s']:.2f} Mbit/s, encoded in "
+          f"{clip['encode_s']:.1f} s (not measured)", flush=True)
+    clip_path = work / "clip.h264"
+    clip_path.write_bytes(b"".join(units))
+
+    # Baseline inputs, the same streams the gateway will get, written before anything is timed.
+    (work / "video.h264").write_bytes(b"".join(looped(units, seconds * FPS)))
+    (work / "audio.pcm").write_bytes(noise_pcm(seconds, RATE))
+    (work / "oplog.bin").write_bytes(log_bytes(int(seconds * args.oplog_rate)))
+
+    print(f"gateway: running {seconds} s ...", flush=True)
+    gw_work = work / "gateway"
+    gw_work.mkdir()
+    usage, gw, writer = run_gateway(gw_work, keys, clip_path, seconds, args.oplog_rate)
+    payload_check = check_payload(Path(gw["spool"]), keys.identity)
+    recorded = gw["recorded_s"] or float(seconds)
+    gw_run_per_s = gw["run_cpu_s"] / recorded
+    gw_all_per_s = usage.cpu_s / recorded
+
+    print("baseline: ffmpeg | age | sha256sum ...", flush=True)
+    base = run_baseline(work, keys.recipient, seconds, args.baseline_repeats)
+    base_per_s = base["cpu_per_recorded_s"]
+
+    print(f"sealing: {args.seal_segments} segments of 10 s ...", flush=True)
+    seal = bench_sealing(work, keys, units, args.seal_segments, 10, args.oplog_rate)
+
+    profile: dict[str, Any] = {}
+    if args.profile:
+        profile = _profile(work, keys, clip_path, min(seconds, 30), args.oplog_rate)
+
+    ratio_run = gw_run_per_s / base_per_s if base_per_s else None
+    ratio_all = gw_all_per_s / base_per_s if base_per_s else None
+    age_mb = seal["age_cli_durable"]["mb_per_s_wall"]
+    results = {
+        "machine": info,
+        "params": {"seconds": seconds, "width": WIDTH, "height": HEIGHT, "fps": FPS, "gop": GOP,
+                   "bitrate": args.bitrate, "audio_rate": RATE, "oplog_rate": args.oplog_rate,
+                   "mode": "continuous"},
+        "clip": clip,
+        "gateway": {**gw, "process": asdict(usage), "process_cpu_s": usage.cpu_s,
+                    "cpu_per_recorded_s": gw_run_per_s,
+                    "process_cpu_per_recorded_s": gw_all_per_s,
+                    "oplog_writer": writer, "payload_check": payload_check},
+        "baseline": base,
+        "ratios": {"gateway_run_vs_baseline_cpu": ratio_run,
+                   "gateway_process_vs_baseline_cpu": ratio_all,
+                   "sealer_seal_vs_age_mb_s": seal["sealer_seal"]["mb_per_s_wall"] / age_mb,
+                   "pyrage_durable_vs_age_mb_s": seal["pyrage_durable"]["mb_per_s_wall"] / age_mb},
+        "sealing": seal,
+        "profile": profile,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+
+    mib = 1024
+    rows: list[tuple[str, str]] = [
+        (f"Gateway ({seconds} s continuous; 1080p30 {clip['mbit_per_s']:.1f} Mbit/s replay, "
+         f"48 kHz mono, {args.oplog_rate:g} log lines/s)", ""),
+        ("recorded", f"{recorded:.1f} s in {gw['segments']} segments "
+                     f"({gw['sessions']} session(s); {gw['segment_reasons']})"),
+        ("sealed bytes", f"{gw['payload_bytes'] / MB:.1f} MB payload + "
+                         f"{gw['header_bytes'] / 1000:.1f} kB headers"),
+        ("video frames / drops", f"{gw['video_frames']} / {gw['video_drops']} "
+                                 f"(camera delivered {gw['camera_delivered']})"),
+        ("log lines recorded", f"{gw['oplog_lines']} ({gw['oplog_bytes'] / 1000:.0f} kB; writer "
+                               f"sent {writer.get('lines', '?')}, of which "
+                               f"{writer.get('unheard', '?')} with the port closed)"),
+        ("CPU during run", f"{gw['run_cpu_s']:.2f} s (user {gw['run_user_s']:.2f}, "
+                           f"sys {gw['run_sys_s']:.2f}) over {gw['run_wall_s']:.1f} s wall"),
+        ("CPU per recorded second",
+         f"{gw_run_per_s:.4f} s  ({100 * gw_run_per_s:.1f} % of a core)"),
+        ("CPU by thread (run)", ", ".join(f"{name.split('-/')[0]} {cpu:.2f} s"
+                                           for name, cpu in gw["thread_cpu_s"].items())),
+        ("whole process CPU", f"{usage.cpu_s:.2f} s incl. start-up {gw['startup_cpu_s']:.2f} s "
+                              f"-> {gw_all_per_s:.4f} s per recorded s"),
+        ("peak RSS", f"{usage.maxrss_kib / mib:.0f} MiB (before run "
+                     f"{gw['rss_before_run_kib'] / mib:.0f} MiB, at end "
+                     f"{gw['rss_end_kib'] / mib:.0f} MiB)"),
+        ("payload check", f"{payload_check.get('file')}: "
+                          f"{'ok' if payload_check.get('ok') else 'FAILED'}"),
+        ("Baseline (ffmpeg -c copy mkv | age | sha256sum, same streams)", ""),
+        ("CPU (median of runs)", f"{base['cpu_s']:.3f} s over {base['wall_s']:.2f} s wall, "
+                                 f"peak RSS {base['peak_rss_kib'] / mib:.0f} MiB"),
+        ("CPU per recorded second", f"{base_per_s:.4f} s  ({100 * base_per_s:.2f} % of a core)"),
+        ("Ratio gateway / baseline (CPU per recorded s)", ""),
+        ("gateway run only", f"{ratio_run:.1f}x" if ratio_run else "n/a"),
+        ("whole gateway process", f"{ratio_all:.1f}x" if ratio_all else "n/a"),
+        (f"Sealing ({seal['segments']} x {seal['segment_plaintext_bytes'] / MB:.1f} MB "
+         "packed segment)", ""),
+    ]
+    names = {"sealer_seal": "Sealer.seal (pack+encrypt+sign+2 durable writes)",
+             "pyrage_encrypt": "pyrage.encrypt only (memory)",
+             "pyrage_durable": "pyrage.encrypt + write_durable",
+             "age_cli_durable": "age CLI -o file + fsync"}
+    for key, label in names.items():
+        r = seal[key]
+        cpu_rate = f"{r['mb_per_s_cpu']:.0f}" if r["mb_per_s_cpu"] else "n/a"
+        rows.append((label, f"{r['mb_per_s_wall']:7.1f} MB/s wall, {cpu_rate} MB/s per CPU-s"))
+    rows += [
+        ("ratio Sealer.seal / age (wall MB/s)",
+         f"{results['ratios']['sealer_seal_vs_age_mb_s']:.2f}"),
+        ("ratio pyrage+durable / age (wall MB/s)",
+         f"{results['ratios']['pyrage_durable_vs_age_mb_s']:.2f}"),
+    ]
+    print()
+    print(table(rows))
+    if profile.get("self"):
+        print("\nGateway hot spots (py-spy --gil: share of GIL-holding samples, imports left "
+              "out; self):")
+        for name, share in profile["self"]:
+            print(f"  {100 * share:5.1f} %  {name}")
+        print("inclusive:")
+        for name, share in profile["inclusive"]:
+            print(f"  {100 * share:5.1f} %  {name}")
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+def _profile(work: Path, keys: Keys, clip_path: Path, seconds: int,
+             oplog_rate: float) -> dict[str, Any]:
+    py_spy = find_py_spy()
+    if py_spy is None:
+        print("profile: py-spy not found (pip install py-spy); skipped", flush=True)
+        return {"skipped": "py-spy not found"}
+    print(f"profile: gateway under py-spy for {seconds} s (not measured) ...", flush=True)
+    folded = work / "profile.folded"
+    # --gil: only the thread holding the GIL is sampled, so waiting threads (queue gets,
+    # select in pyserial, timed sleeps) do not drown the figures; work done in C with the GIL
+    # released (fsync, parts of PyAV) is not seen, the sealing figures cover that.
+    wrapper = [py_spy, "record", "--format", "raw", "--rate", "200", "--threads", "--gil",
+               "--output", str(folded), "--"]
+    prof_work = work / "profile"
+    prof_work.mkdir()
+    run_gateway(prof_work, keys, clip_path, seconds, oplog_rate, wrapper=wrapper)
+    out = ROOT / "run" / "bench-profile.folded"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folded, out)
+    return {"folded": str(out), **summarize_profile(folded)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
