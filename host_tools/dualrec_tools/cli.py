@@ -81,12 +81,9 @@ def keys() -> None:
     """Make key material: a device's signing key, a branch's age identity."""
 
 
-@keys.command("device")
-@click.argument("directory", type=DIRECTORY)
-@click.option("--id", "device_id", required=True, help="The device id headers will carry.")
-@click.option("--force", is_flag=True, help="Replace existing keys.")
-def keys_device(directory: Path, device_id: str, force: bool) -> None:
-    """Write DIRECTORY/device.key (Ed25519, PKCS#8 PEM, 0600) and DIRECTORY/device.pub."""
+def write_device_key(directory: Path, device_id: str, force: bool) -> Path:
+    """Write directory/device.key (Ed25519, PKCS#8 PEM, 0600) and directory/device.pub (the
+    public key labelled with the device id); return the public key's path."""
     if not DEVICE_ID.match(device_id):
         raise click.BadParameter("letters, digits, '_', '.', '-'; at most 64; starting with a "
                                  "letter or digit", param_hint="--id")
@@ -97,7 +94,17 @@ def keys_device(directory: Path, device_id: str, force: bool) -> None:
     _write_file(key_path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
                 SECRET_MODE)
     _write_file(pub_path, device_pub_pem(key.public_key(), device_id), PUBLIC_MODE)
-    click.echo(f"wrote {key_path} and {pub_path} for device {device_id}")
+    return pub_path
+
+
+@keys.command("device")
+@click.argument("directory", type=DIRECTORY)
+@click.option("--id", "device_id", required=True, help="The device id headers will carry.")
+@click.option("--force", is_flag=True, help="Replace existing keys.")
+def keys_device(directory: Path, device_id: str, force: bool) -> None:
+    """Write DIRECTORY/device.key (Ed25519, PKCS#8 PEM, 0600) and DIRECTORY/device.pub."""
+    pub_path = write_device_key(directory, device_id, force)
+    click.echo(f"wrote {directory / 'device.key'} and {pub_path} for device {device_id}")
 
 
 def write_branch_identity(directory: Path, force: bool) -> str:
@@ -207,3 +214,7 @@ def sessions(spool: Path) -> None:
     unreadable = [h.path.name for h in headers if h.header is None]
     if unreadable:
         click.echo(f"unreadable headers: {', '.join(unreadable)}", err=True)
+
+
+if __name__ == "__main__":
+    main()

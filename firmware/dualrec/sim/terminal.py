@@ -293,6 +293,7 @@ def run(
     garbage: bool,
     transactions: int,
     wait_reader_s: float = 10.0,
+    hold: bool = False,
 ) -> int:
     """Run the terminal; return the process exit status."""
     rng = random.Random(seed)
@@ -338,6 +339,9 @@ def run(
             pty.write(mark)
             clap += period_ns
         sleep_until(end)
+        print("DONE", flush=True)
+        while hold:  # an idle terminal keeps its line open until told to stop
+            time.sleep(1)
     except Stopped:
         pass
     finally:
@@ -382,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=10.0,
         help="hold the script until a reader opens the link, at most this long (0: don't)",
     )
+    ap.add_argument("--hold", action="store_true",
+                    help="after the script, print DONE and keep the line open until SIGTERM")
     args = ap.parse_args(argv)
     if args.clap_period_ms <= 0 or args.duration_s < 0 or args.transactions < 0:
         ap.error("clap period must be positive, duration and transactions not negative")
@@ -396,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.garbage,
         args.transactions,
         args.wait_reader_s,
+        args.hold,
     )
 
 
