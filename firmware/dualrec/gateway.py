@@ -158,7 +158,9 @@ class Gateway:
         )
         self.watcher = ClockWatcher(self.timebase, self.q.put)
 
-    def _recover(self) -> None:
+    def _recover(self) -> str | None:
+        """Adopt or clean what an unclean stop left; close a session it left open and return
+        its id."""
         adopted, removed = self.sealer.recover()
         for seq in adopted:
             log.warning("adopted seq %d committed before an unclean stop", seq)
@@ -166,7 +168,7 @@ class Gateway:
             log.warning("removed uncommitted %s", path.name)
         left = self.chain.open_session()
         if left is None:
-            return
+            return None
         session, prev_boot, next_index, _, last_end_utc = left
         now = time.monotonic_ns()
         ev = Event(now, "session_interrupted", {
@@ -178,9 +180,10 @@ class Gateway:
                       end_ns=now + 1, reason="interrupted", final=True, events=[ev])
         self.stats.sealed.append(self.sealer.seal(seg))
         log.warning("closed session %s interrupted by an unclean stop", session)
+        return session
 
     def run(self, stop: threading.Event, duration_s: float | None = None) -> Stats:
-        self._recover()
+        interrupted = self._recover()
         self.sealing.start()
         d = self.devices
         d.panel.start(self.q.put)
@@ -194,6 +197,10 @@ class Gateway:
                 d.oplog.start(self.q.put, self.q.put)
                 started.append(d.oplog)
             self.watcher.start()
+            if interrupted is not None and self.recorder.state == "idle":
+                # The teller was mid-transaction when the box went down and the start line is
+                # gone: record again at once; the next stop line or button ends it.
+                self.recorder.start(time.monotonic_ns(), "resume", resumes=interrupted)
             deadline = None if duration_s is None else time.monotonic() + duration_s
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 self._step(0.05)

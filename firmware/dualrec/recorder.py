@@ -92,7 +92,7 @@ class Recorder:
 
     # --- state changes ---------------------------------------------------------------------
 
-    def start(self, trigger_ns: int, trigger: str) -> None:
+    def start(self, trigger_ns: int, trigger: str, **detail: object) -> None:
         origin = self._preroll_origin(trigger_ns)
         utc = datetime.fromtimestamp(self._to_utc(trigger_ns) / 1e9, UTC)
         self.session = f"{utc:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -102,7 +102,7 @@ class Recorder:
         self.seg.open(self.session, origin)
         self.seg.add(Event(origin, "session_start",
                            {"trigger": trigger, "trigger_mono_ns": trigger_ns,
-                            "preroll_ns": trigger_ns - origin}))
+                            "preroll_ns": trigger_ns - origin, **detail}))
         for s in self._ring:
             if s.t_mono_ns >= origin:
                 self.seg.add(s)

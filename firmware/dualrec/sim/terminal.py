@@ -340,8 +340,12 @@ def run(
             clap += period_ns
         sleep_until(end)
         print("DONE", flush=True)
-        while hold:  # an idle terminal keeps its line open until told to stop
-            time.sleep(1)
+        while hold:  # idle, the line stays open and the clapper goes on until told to stop
+            mark_n += 1
+            mark = f"MARK {mark_n} t={clap}{LINE_END}".encode(ENCODING)
+            sleep_until(clap)
+            pty.write(mark)
+            clap += period_ns
     except Stopped:
         pass
     finally:
