@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pyrage
@@ -14,6 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 for sub in ("firmware", "host_tools"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
+
+
+@pytest.fixture
+def small_tmpfs():
+    """A real 600 KiB tmpfs: a disk that fills up for real (needs root, as CI has)."""
+    mnt = Path(f"/tmp/dualrec-full-{uuid.uuid4().hex[:8]}")
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+    mnt.rmdir()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import io
 import os
 import subprocess
 import tarfile
-import uuid
 from pathlib import Path
 
 import pyrage
@@ -71,21 +70,6 @@ def test_no_plaintext_on_disk(tmp_path, device_key, age_identity):
         for f in files:
             data = (Path(root) / f).read_bytes()
             assert not any(n in data for n in needles), f
-
-
-@pytest.fixture
-def small_tmpfs():
-    """A real 600 KiB tmpfs: a disk that fills up for real (needs root, as CI has)."""
-    mnt = Path(f"/tmp/dualrec-full-{uuid.uuid4().hex[:8]}")
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        mnt.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-    mnt.rmdir()
 
 
 def test_full_disk_is_an_error_never_a_corrupt_segment(tmp_path, small_tmpfs, device_key,

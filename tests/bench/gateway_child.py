@@ -17,8 +17,9 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dualrec.config import load_board, load_site
 from dualrec.devices.factory import Devices
@@ -43,16 +44,20 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-class ThreadCpu:
+class Monitor:
     """Samples each Python thread's CPU time from /proc (by native id) twice a second and keeps
     the last reading per thread name, so threads that have ended by the time the run returns
-    are still accounted for. Only an estimate to 1/HZ and 0.5 s: a breakdown, not the total."""
+    are still accounted for: an estimate to 1/HZ and 0.5 s, a breakdown, not the total. Also
+    keeps the process's RSS every RSS_EVERY_S, to tell steady growth from a plateau."""
 
     PERIOD_S = 0.5
+    RSS_EVERY_S = 5.0
 
     def __init__(self) -> None:
         self.tick = os.sysconf("SC_CLK_TCK")
         self.cpu_s: dict[str, float] = {}
+        self.rss_kib: list[tuple[float, int]] = []
+        self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-threadcpu", daemon=True)
 
@@ -68,6 +73,9 @@ class ThreadCpu:
     def _run(self) -> None:
         while not self._stop.wait(self.PERIOD_S):
             self._sample()
+            t = time.monotonic() - self._t0
+            if not self.rss_kib or t - self.rss_kib[-1][0] >= self.RSS_EVERY_S - self.PERIOD_S / 2:
+                self.rss_kib.append((round(t, 1), _status_kib("VmRSS")))
 
     def _sample(self) -> None:
         for t in threading.enumerate():
@@ -80,6 +88,37 @@ class ThreadCpu:
             # Fields after the parenthesised name; utime and stime are the 14th and 15th.
             fields = stat[stat.rindex(")") + 2 :].split()
             self.cpu_s[t.name] = (int(fields[11]) + int(fields[12])) / self.tick
+
+
+class LatencyTap:
+    """Wraps a camera or microphone to note, per sample, how long after its capture stamp it
+    reached the gateway's queue. A source thread held up (by the GIL, say) shows here before it
+    shows as dropped frames, and with a margin: the worst case is what a slower CPU hits."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.format = device.format
+        self.late_ns: list[int] = []
+
+    def start(self, sink: Callable[[Any], None], events: Callable[[Any], None]) -> None:
+        late = self.late_ns
+
+        def tapped(sample: Any) -> None:
+            late.append(time.monotonic_ns() - sample.t_mono_ns)
+            sink(sample)
+
+        self.device.start(tapped, events)
+
+    def stop(self) -> None:
+        self.device.stop()
+
+    def summary_ms(self, minus_ns: int = 0) -> dict[str, float]:
+        """Max and 99th percentile of the delay, less minus_ns (an audio block's own length)."""
+        if not self.late_ns:
+            return {}
+        ordered = sorted(self.late_ns)
+        p99 = ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)]
+        return {"max": (ordered[-1] - minus_ns) / 1e6, "p99": (p99 - minus_ns) / 1e6}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,9 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                clap_period_ms=board.sim.clap_period_ms if board.sim else 7000)
     framer = LineFramer(site.oplog.encoding, site.oplog.line_end.encode(), site.oplog.max_line)
     oplog = SerialOpLog(site.oplog.port, site.oplog.baud, framer)
-    gateway = Gateway(board, site, devices=Devices(camera, microphone, oplog, SimPanel()))
+    cam_tap, mic_tap = LatencyTap(camera), LatencyTap(microphone)
+    gateway = Gateway(board, site, devices=Devices(cam_tap, mic_tap, oplog, SimPanel()))
 
-    threads = ThreadCpu()
+    threads = Monitor()
     # Thread CPU counts from the thread's creation: the main thread's start-up is taken off.
     threads._sample()
     startup_main = threads.cpu_s.get("MainThread", 0.0)
@@ -162,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "video_drops": drops,
         "video_drops_by_seq": drops_by_seq,
         "thread_cpu_s": thread_cpu,
+        "rss_timeline_kib": threads.rss_kib,
+        "camera_late_ms": cam_tap.summary_ms(),
+        # A block is handed over after its last sample: its own length is not lateness.
+        "microphone_late_ms": mic_tap.summary_ms(mic.block_frames * 1_000_000_000 // mic.rate),
         "camera_delivered": camera.delivered,
         "audio_samples": samples,
         "oplog_lines": lines,

@@ -381,9 +381,14 @@ def find_py_spy() -> str | None:
     return str(here) if here.exists() else shutil.which("py-spy")
 
 
+# Frames every stack has (thread start-up, runpy, the bench child's main): no information.
+_BOILERPLATE = ("Thread._bootstrap", "Thread.run ", "_run_module_as_main", "_run_code",
+                "<module> (bench/", "main (bench/", "<module> (tests/bench/", "main (tests/bench/")
+
+
 def summarize_profile(folded: Path, top: int = 15) -> dict[str, list[tuple[str, float]]]:
-    """Self and inclusive shares of samples per function from py-spy's raw (folded) output,
-    imports left out."""
+    """Self and inclusive shares of samples per function, and per thread, from py-spy's raw
+    (folded) output; imports and boilerplate frames left out."""
     own: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
@@ -392,16 +397,20 @@ def summarize_profile(folded: Path, top: int = 15) -> dict[str, list[tuple[str, 
         stack, _, count_s = line.rpartition(" ")
         if not stack or not count_s.isdigit():
             continue
-        count = int(count_s)
         frames = stack.split(";")
         if any("<frozen importlib" in f for f in frames):
             continue  # start-up imports: not the gateway's running cost
+        count = int(count_s)
         total += count
-        if frames[0].startswith("thread ") or frames[0].startswith("process "):
-            threads[frames[0]] += count
-        own[frames[-1]] += count
+        if frames[0].startswith("thread "):
+            # "thread (12345): name" -> "name"; the id differs from run to run
+            threads[frames[0].partition("): ")[2] or frames[0]] += count
+            frames = frames[1:]
+        if frames:
+            own[frames[-1]] += count
         for f in set(frames):
-            incl[f] += count
+            if not f.startswith(_BOILERPLATE):
+                incl[f] += count
     if not total:
         return {}
 
@@ -478,6 +487,10 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     recorded = gw["recorded_s"] or float(seconds)
     gw_run_per_s = gw["run_cpu_s"] / recorded
     gw_all_per_s = usage.cpu_s / recorded
+    # The sim microphone synthesises its PCM in the gateway process, work a real microphone
+    # does not put there; the figure without it is closer to the gateway's own cost.
+    sim_mic_s = gw["thread_cpu_s"].get("sim-microphone", 0.0)
+    gw_own_per_s = (gw["run_cpu_s"] - sim_mic_s) / recorded
 
     print("baseline: ffmpeg | age | sha256sum ...", flush=True)
     base = run_baseline(work, keys.recipient, seconds, args.baseline_repeats)
@@ -492,6 +505,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
 
     ratio_run = gw_run_per_s / base_per_s if base_per_s else None
     ratio_all = gw_all_per_s / base_per_s if base_per_s else None
+    ratio_own = gw_own_per_s / base_per_s if base_per_s else None
     age_mb = seal["age_cli_durable"]["mb_per_s_wall"]
     results = {
         "machine": info,
@@ -502,10 +516,12 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         "gateway": {**gw, "process": asdict(usage), "process_cpu_s": usage.cpu_s,
                     "cpu_per_recorded_s": gw_run_per_s,
                     "process_cpu_per_recorded_s": gw_all_per_s,
+                    "cpu_per_recorded_s_without_sim_microphone": gw_own_per_s,
                     "oplog_writer": writer, "payload_check": payload_check},
         "baseline": base,
         "ratios": {"gateway_run_vs_baseline_cpu": ratio_run,
                    "gateway_process_vs_baseline_cpu": ratio_all,
+                   "gateway_run_without_sim_microphone_vs_baseline_cpu": ratio_own,
                    "sealer_seal_vs_age_mb_s": seal["sealer_seal"]["mb_per_s_wall"] / age_mb,
                    "pyrage_durable_vs_age_mb_s": seal["pyrage_durable"]["mb_per_s_wall"] / age_mb},
         "sealing": seal,
@@ -524,6 +540,9 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
                          f"{gw['header_bytes'] / 1000:.1f} kB headers"),
         ("video frames / drops", f"{gw['video_frames']} / {gw['video_drops']} "
                                  f"(camera delivered {gw['camera_delivered']})"),
+        ("source delivery late, max / p99", "camera {max:.1f} / {p99:.1f} ms, ".format(
+            **gw["camera_late_ms"]) + "microphone {max:.1f} / {p99:.1f} ms".format(
+            **gw["microphone_late_ms"])),
         ("log lines recorded", f"{gw['oplog_lines']} ({gw['oplog_bytes'] / 1000:.0f} kB; writer "
                                f"sent {writer.get('lines', '?')}, of which "
                                f"{writer.get('unheard', '?')} with the port closed)"),
@@ -538,6 +557,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         ("peak RSS", f"{usage.maxrss_kib / mib:.0f} MiB (before run "
                      f"{gw['rss_before_run_kib'] / mib:.0f} MiB, at end "
                      f"{gw['rss_end_kib'] / mib:.0f} MiB)"),
+        ("RSS every 5 s (MiB)", " ".join(f"{kib / mib:.0f}" for _, kib in gw["rss_timeline_kib"])),
         ("payload check", f"{payload_check.get('file')}: "
                           f"{'ok' if payload_check.get('ok') else 'FAILED'}"),
         ("Baseline (ffmpeg -c copy mkv | age | sha256sum, same streams)", ""),
@@ -546,6 +566,8 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         ("CPU per recorded second", f"{base_per_s:.4f} s  ({100 * base_per_s:.2f} % of a core)"),
         ("Ratio gateway / baseline (CPU per recorded s)", ""),
         ("gateway run only", f"{ratio_run:.1f}x" if ratio_run else "n/a"),
+        ("run less the sim microphone's thread",
+         f"{ratio_own:.1f}x ({gw_own_per_s:.4f} s per recorded s)" if ratio_own else "n/a"),
         ("whole gateway process", f"{ratio_all:.1f}x" if ratio_all else "n/a"),
         (f"Sealing ({seal['segments']} x {seal['segment_plaintext_bytes'] / MB:.1f} MB "
          "packed segment)", ""),
@@ -570,6 +592,9 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         print("\nGateway hot spots (py-spy --gil: share of GIL-holding samples, imports left "
               "out; self):")
         for name, share in profile["self"]:
+            print(f"  {100 * share:5.1f} %  {name}")
+        print("by thread:")
+        for name, share in profile["threads"]:
             print(f"  {100 * share:5.1f} %  {name}")
         print("inclusive:")
         for name, share in profile["inclusive"]:
