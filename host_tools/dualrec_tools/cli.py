@@ -8,36 +8,28 @@ parses arguments, prints and sets the exit code.
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-import pyrage
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-)
 
 from dualrec_tools.export import ExportError, export_session, load_identities
+from dualrec_tools.keys import (
+    BRANCH_FILES,
+    DEFAULT_RECEIVER_NAMES,
+    KeyExists,
+    write_branch,
+    write_device_key,
+)
 from dualrec_tools.verify import (
     DeviceKey,
     KeyFileError,
-    device_pub_pem,
     load_device_key,
     read_headers,
     sessions_of,
     verify_dir,
 )
-
-# The same rule as the site config's device.id (dualrec.config.DeviceSection).
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-SECRET_MODE = 0o600
-PUBLIC_MODE = 0o644
 
 DIRECTORY = click.Path(file_okay=False, path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -52,49 +44,9 @@ def main() -> None:
 # --- keys ------------------------------------------------------------------------------------
 
 
-def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
-    # Checked for every file before any is written, so a refusal leaves the set as it was.
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not force:
-        raise click.ClickException(
-            f"{', '.join(existing)} already exist(s); a new key would orphan everything sealed "
-            "or provisioned with the old one (--force replaces it)")
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with exactly `mode` (fchmod, since the umask may not allow it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 @main.group()
 def keys() -> None:
     """Make key material: a device's signing key, a branch's age identity."""
-
-
-def write_device_key(directory: Path, device_id: str, force: bool) -> Path:
-    """Write directory/device.key (Ed25519, PKCS#8 PEM, 0600) and directory/device.pub (the
-    public key labelled with the device id); return the public key's path."""
-    if not DEVICE_ID.match(device_id):
-        raise click.BadParameter("letters, digits, '_', '.', '-'; at most 64; starting with a "
-                                 "letter or digit", param_hint="--id")
-    key_path, pub_path = directory / "device.key", directory / "device.pub"
-    _refuse_existing([key_path, pub_path], force)
-    directory.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    _write_file(key_path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
-                SECRET_MODE)
-    _write_file(pub_path, device_pub_pem(key.public_key(), device_id), PUBLIC_MODE)
-    return pub_path
 
 
 @keys.command("device")
@@ -103,32 +55,30 @@ def write_device_key(directory: Path, device_id: str, force: bool) -> Path:
 @click.option("--force", is_flag=True, help="Replace existing keys.")
 def keys_device(directory: Path, device_id: str, force: bool) -> None:
     """Write DIRECTORY/device.key (Ed25519, PKCS#8 PEM, 0600) and DIRECTORY/device.pub."""
-    pub_path = write_device_key(directory, device_id, force)
+    try:
+        pub_path = write_device_key(directory, device_id, force)
+    except KeyExists as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--id") from None
     click.echo(f"wrote {directory / 'device.key'} and {pub_path} for device {device_id}")
-
-
-def write_branch_identity(directory: Path, force: bool) -> str:
-    """Write an age X25519 identity (branch.agekey, in age-keygen's format) and its recipient
-    (branch.recipient); return the recipient."""
-    key_path, rcpt_path = directory / "branch.agekey", directory / "branch.recipient"
-    _refuse_existing([key_path, rcpt_path], force)
-    directory.mkdir(parents=True, exist_ok=True)
-    identity = pyrage.x25519.Identity.generate()
-    recipient = str(identity.to_public())
-    created = datetime.now(UTC).astimezone().isoformat(timespec="seconds")
-    _write_file(key_path, (f"# created: {created}\n# public key: {recipient}\n"
-                           f"{identity}\n").encode(), SECRET_MODE)
-    _write_file(rcpt_path, f"{recipient}\n".encode(), PUBLIC_MODE)
-    return recipient
 
 
 @keys.command("branch")
 @click.argument("directory", type=DIRECTORY)
-@click.option("--force", is_flag=True, help="Replace an existing identity.")
-def keys_branch(directory: Path, force: bool) -> None:
-    """Write DIRECTORY/branch.agekey (age identity, 0600) and DIRECTORY/branch.recipient."""
-    recipient = write_branch_identity(directory, force)
-    click.echo(f"wrote {directory / 'branch.agekey'}; recipient {recipient}")
+@click.option("--name", default="branch", show_default=True, help="The branch's name.")
+@click.option("--receiver-host", "hosts", multiple=True,
+              help="A name or IP the receiver is reached at (repeatable; default: loopback).")
+@click.option("--force", is_flag=True, help="Replace existing key material.")
+def keys_branch(directory: Path, name: str, hosts: tuple[str, ...], force: bool) -> None:
+    """Write a branch's keys: CA, receiver TLS certificate, receipt key, age identity."""
+    try:
+        recipient = write_branch(directory, name, hosts or DEFAULT_RECEIVER_NAMES, force)
+    except KeyExists as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {', '.join(BRANCH_FILES)} to {directory}/; age recipient {recipient}")
+    click.echo("the receiver needs ca.crt, receiver.crt, receiver.key, receipt.key; "
+               "keep ca.key and branch.agekey offline")
 
 
 # --- verify, export, sessions ----------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from dualrec.config import load_board
-from dualrec_tools.cli import write_branch_identity, write_device_key
+from dualrec_tools.keys import write_branch_identity, write_device_key
 from dualrec_tools.export import ExportError, export_session, load_identities
 from dualrec_tools.sync import SyncReport, measure_sync
 from dualrec_tools.verify import Report, load_device_key, verify_dir
