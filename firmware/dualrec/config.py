@@ -139,6 +139,21 @@ class SealSection(_Strict):
 class SpoolSection(_Strict):
     dir: Path
     state: Path
+    # New sessions stop (fault LED, fault event) when the spool holds more than quota_mb or the
+    # filesystem has less than min_free_mb free; they resume below 90 % of either limit.
+    quota_mb: Annotated[int, Field(ge=1, le=10_000_000)] = 8192
+    min_free_mb: Annotated[int, Field(ge=0, le=1_000_000)] = 256
+
+
+class UplinkSection(_Strict):
+    url: Annotated[str, Field(pattern=r"^https://[^/\s]+(:\d+)?/?$")]
+    ca: Path  # the branch CA, pinned: the system trust store is not used
+    cert: Path  # this device's TLS client certificate (CN = device id)
+    key: Path
+    receipt_key: Path  # the receiver's Ed25519 receipt key (public, PEM)
+    bandwidth_bps: Annotated[int, Field(ge=8_000, le=10_000_000_000)] = 4_000_000
+    timeout_s: Annotated[int, Field(ge=1, le=600)] = 30
+    backoff_max_s: Annotated[int, Field(ge=1, le=3600)] = 60
 
 
 class SiteConfig(_Strict):
@@ -147,6 +162,7 @@ class SiteConfig(_Strict):
     oplog: OpLogSection = OpLogSection()
     seal: SealSection
     spool: SpoolSection
+    uplink: UplinkSection | None = None
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -195,11 +211,13 @@ def load_site(path: Path) -> SiteConfig:
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
     base = path.parent
-    return cfg.model_copy(
-        update={
-            "device": cfg.device.model_copy(update={"key": _resolve(base, cfg.device.key)}),
-            "spool": SpoolSection(
-                dir=_resolve(base, cfg.spool.dir), state=_resolve(base, cfg.spool.state)
-            ),
-        }
-    )
+    update: dict = {
+        "device": cfg.device.model_copy(update={"key": _resolve(base, cfg.device.key)}),
+        "spool": cfg.spool.model_copy(update={"dir": _resolve(base, cfg.spool.dir),
+                                              "state": _resolve(base, cfg.spool.state)}),
+    }
+    if cfg.uplink is not None:
+        update["uplink"] = cfg.uplink.model_copy(update={
+            k: _resolve(base, getattr(cfg.uplink, k)) for k in ("ca", "cert", "key", "receipt_key")
+        })
+    return cfg.model_copy(update=update)

@@ -27,11 +27,56 @@ from dualrec.samples import Event, Sample
 from dualrec.sealer import Sealed, Sealer, SealError
 from dualrec.segment import Segment
 from dualrec.segmenter import Segmenter
+from dualrec.spool import Spool
 from dualrec.timebase import ClockWatcher, Timebase
 
 log = logging.getLogger("dualrec.gateway")
 
 SEAL_RETRY_S = 1.0
+QUOTA_CHECK_NS = 1_000_000_000
+# The fault LED shows the most urgent fault; the panel maps a name to a blink pattern.
+FAULT_PRIORITY = ("seal", "spool_full", "uplink")
+
+
+class FaultLamp:
+    """Several parts report faults; the one LED shows the most urgent still active."""
+
+    def __init__(self, set_fault: Callable[[str | None], None]) -> None:
+        self._set = set_fault
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+
+    def set(self, name: str, active: bool) -> None:
+        with self._lock:
+            (self._active.add if active else self._active.discard)(name)
+            shown = next((n for n in FAULT_PRIORITY if n in self._active), None)
+        self._set(shown)
+
+    def reporter(self, name: str) -> Callable[[str | None], None]:
+        return lambda pattern: self.set(name, pattern is not None)
+
+
+class QuotaWatch:
+    """Stops new sessions before the spool fills; resumes below 90 % of the limits."""
+
+    def __init__(self, spool: Spool, quota_bytes: int, min_free_bytes: int) -> None:
+        self.spool = spool
+        self.quota = quota_bytes
+        self.min_free = min_free_bytes
+        self.full = False
+
+    def check(self) -> str | None:
+        """None when nothing changed; else the new state's reason ("" = space is back)."""
+        used, free = self.spool.usage()
+        if not self.full and (used > self.quota or free < self.min_free):
+            self.full = True
+            return (f"spool nearly full: {used // 2**20} MiB held (quota "
+                    f"{self.quota // 2**20} MiB), {free // 2**20} MiB free "
+                    f"(minimum {self.min_free // 2**20} MiB)")
+        if self.full and used < self.quota * 0.9 and free > self.min_free / 0.9:
+            self.full = False
+            return ""
+        return None
 
 
 def boot_id() -> str:
@@ -140,7 +185,19 @@ class Gateway:
         )
         self.q: queue.Queue[Sample] = queue.Queue()
         panel = self.devices.panel
-        self.sealing = SealWorker(self.sealer, self.q.put, panel.set_fault, self.stats)
+        self.lamp = FaultLamp(panel.set_fault)
+        self.sealing = SealWorker(self.sealer, self.q.put, self.lamp.reporter("seal"),
+                                  self.stats)
+        self.spool = Spool(site.spool.dir, site.spool.state)
+        self.quota = QuotaWatch(self.spool, site.spool.quota_mb * 2**20,
+                                site.spool.min_free_mb * 2**20)
+        self._next_quota_check = 0
+        self.uplink = None
+        if site.uplink is not None:
+            from dualrec.uplink import Uplink
+
+            self.uplink = Uplink(self.spool, site.uplink, site.device.id, self.q.put,
+                                 self.lamp.reporter("uplink"))
         cam, mic = self.devices.camera, self.devices.microphone
         rec = site.recording
         self.segmenter = Segmenter(
@@ -185,6 +242,8 @@ class Gateway:
     def run(self, stop: threading.Event, duration_s: float | None = None) -> Stats:
         interrupted = self._recover()
         self.sealing.start()
+        if self.uplink is not None:
+            self.uplink.start()
         d = self.devices
         d.panel.start(self.q.put)
         started = []
@@ -212,6 +271,10 @@ class Gateway:
                 self._step(0)
             self.recorder.shutdown(time.monotonic_ns())
             self.sealing.stop()
+            self.sealer.close()
+            if self.uplink is not None:
+                self.uplink.stop()
+            self.spool.close()
             d.panel.set_recording(False)
             d.panel.stop()
             self.chain.close()
@@ -227,4 +290,20 @@ class Gateway:
             if isinstance(sample, Event) and sample.kind == "fault":
                 log.error("fault: %s", sample.detail)
             self.recorder.handle(sample, now)
+        if now >= self._next_quota_check:
+            self._next_quota_check = now + QUOTA_CHECK_NS
+            self._check_quota(now)
         self.recorder.tick(now)
+
+    def _check_quota(self, now: int) -> None:
+        change = self.quota.check()
+        if change is None:
+            return
+        self.recorder.inhibited = change
+        self.lamp.set("spool_full", bool(change))
+        if change:
+            log.error("%s: new sessions stop until space returns", change)
+            self.recorder.handle(Event(now, "fault", {"device": "spool", "reason": change}), now)
+        else:
+            log.warning("spool has space again: sessions may start")
+            self.recorder.handle(Event(now, "fault_cleared", {"device": "spool"}), now)

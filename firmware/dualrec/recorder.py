@@ -56,6 +56,7 @@ class Recorder:
         self._ring: deque[Sample] = deque()
         self._ring_keep_ns = preroll_ns + 3_000_000_000  # a keyframe interval of slack
         self.sessions_started = 0
+        self.inhibited = ""  # why new sessions may not start now (spool full), or ""
 
     # --- input -----------------------------------------------------------------------------
 
@@ -76,7 +77,8 @@ class Recorder:
                 self.start(line.t_mono_ns, "oplog")
             elif self.state == "closing":  # a new transaction during post-roll: keep going
                 self.state, self.stop_at = "recording", None
-        elif any(p.search(line.text) for p in self._stop) and self.state == "recording":
+        elif (any(p.search(line.text) for p in self._stop) and self.state == "recording"
+              and not self.continuous):
             self.request_stop(line.t_mono_ns, "oplog")
 
     def _on_event(self, ev: Event) -> None:
@@ -93,6 +95,11 @@ class Recorder:
     # --- state changes ---------------------------------------------------------------------
 
     def start(self, trigger_ns: int, trigger: str, **detail: object) -> None:
+        if self.inhibited:  # the refusal itself is on record, so the gap is explained
+            self._seal_events_only([Event(trigger_ns, "session_refused",
+                                          {"trigger": trigger, "reason": self.inhibited})],
+                                   "session_refused")
+            return
         origin = self._preroll_origin(trigger_ns)
         utc = datetime.fromtimestamp(self._to_utc(trigger_ns) / 1e9, UTC)
         self.session = f"{utc:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -129,7 +136,7 @@ class Recorder:
     def tick(self, now_ns: int) -> None:
         self.seg.tick(now_ns)  # also when idle: a final segment may still be in its grace
         if self.state == "idle":
-            if self.continuous:
+            if self.continuous and not self.inhibited:
                 self.start(now_ns, "continuous")
             return
         if self.state == "recording" and now_ns - self.session_start_ns >= self.max_session_ns:

@@ -3,7 +3,8 @@ header with the device key, links it into the chain and commits both files to th
 
 Commit order: payload (durable write), then header (durable write: the commit point), then the
 chain state. A failure at any step leaves no file under a final name for an uncommitted seq, and
-the same segment can be sealed again under the same seq. pyrage encrypts in memory here; the
+the same segment can be sealed again under the same seq. pyrage encrypts in memory (in a worker
+process, see age_worker.py); the
 ciphertext length is checked against what the age format implies before and after the write,
 because pyrage's buffered writer has been seen to report success on a failed final flush.
 """
@@ -19,6 +20,7 @@ import pyrage
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dualrec import __version__
+from dualrec.age_worker import AgeWorker
 from dualrec.chain import ChainState
 from dualrec.durable import WriteError, write_durable
 from dualrec.segment import Segment
@@ -60,7 +62,10 @@ class Sealer:
     ) -> None:
         self.device_id = device_id
         self._key = key
-        self._recipients = [pyrage.x25519.Recipient.from_str(r) for r in recipients]
+        for r in recipients:  # refuse a bad recipient now, not at the first seal
+            pyrage.x25519.Recipient.from_str(r)
+        self._recipients = list(recipients)
+        self._age = AgeWorker()
         self.spool_dir = spool_dir
         self._chain = chain
         self._tb = timebase
@@ -85,7 +90,7 @@ class Sealer:
         clock = self._tb.clock_json(seg.start_ns, seg.end_ns)
         try:
             plaintext = seg.pack(clock)
-            ciphertext = pyrage.encrypt(plaintext, self._recipients)
+            ciphertext = self._age.encrypt(plaintext, self._recipients)
         except Exception as exc:  # a muxer or encryption failure must not stop the recorder
             raise SealError(f"packing segment {seg.session}/{seg.index}: {exc}") from exc
         expected = age_expected_size(age_header_length(ciphertext), len(plaintext))
@@ -125,3 +130,6 @@ class Sealer:
             raise SealError(f"segment seq {seq} not committed: {exc}") from exc
         self._chain.advance(seq, header_bytes)
         return Sealed(seq, {**fields}, header_path, payload_path)
+
+    def close(self) -> None:
+        self._age.close()

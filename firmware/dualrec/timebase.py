@@ -60,14 +60,24 @@ class _Timex(ctypes.Structure):
     ]
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    # find_library runs ldconfig: do it once, not on every clock check
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
 def kernel_sync_state() -> tuple[bool, int]:
     """(synced, est_error_ns) from adjtimex(2), read-only; (False, -1) if unavailable."""
+    tx = _Timex()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        tx = _Timex()
-        if libc.adjtimex(ctypes.byref(tx)) < 0:
+        if _LIBC is None or _LIBC.adjtimex(ctypes.byref(tx)) < 0:
             return False, -1
-    except (OSError, AttributeError):
+    except AttributeError:
         return False, -1
     synced = not tx.status & STA_UNSYNC
     return synced, tx.esterror * 1000 if synced else -1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import json
 import os
 import platform
@@ -134,7 +135,13 @@ def make_keys(directory: Path) -> Keys:
     path.write_bytes(device.private_bytes(serialization.Encoding.PEM,
                                           serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
+    (directory / "device.pub").write_bytes(device.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     identity = pyrage.x25519.Identity.generate()
+    # Written too, so a spool kept with --workdir can be opened with age or dualrec-tool.
+    agekey = directory / "branch.agekey"
+    agekey.touch(mode=0o600)
+    agekey.write_text(f"# dualrec bench identity\n{identity}\n")
     return Keys(path, device, identity, str(identity.to_public()))
 
 
@@ -241,8 +248,6 @@ def check_payload(spool: Path, identity: pyrage.x25519.Identity) -> dict[str, An
     payloads = sorted(spool.glob("*.payload.age"))
     if not payloads:
         return {"ok": False, "reason": "no payload"}
-    import io
-
     plain = pyrage.decrypt(payloads[-1].read_bytes(), [identity])
     with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
         members = {m.name: m.size for m in tar.getmembers()}

@@ -1,0 +1,120 @@
+"""`dualrec-receiver`: run the branch receiver, enroll a device, print what it holds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dualrec_tools.receiver.server import ReceiverConfig, serve
+from dualrec_tools.receiver.store import EnrollError, ReceiverStore
+from dualrec_tools.verify import KeyFileError, load_device_key
+
+DATA = click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+                    help="The receiver's data directory (receiver.db and devices/).")
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@click.group()
+def main() -> None:
+    """The dualrec branch receiver (docs/UPLOAD.md)."""
+
+
+@main.command("serve")
+@DATA
+@click.option("--keys", "keys_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Holds ca.crt, receiver.crt, receiver.key, receipt.key.")
+@click.option("--listen", default="127.0.0.1:8443", show_default=True,
+              help="HOST:PORT of the mutual-TLS upload API (port 0: any free port).")
+@click.option("--admin-listen", default="127.0.0.1:8444", show_default=True,
+              help="HOST:PORT of the plain-HTTP admin API; keep it on loopback.")
+@click.option("--max-payload-mb", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--receiver-id", default=None, help="Name in receipts [default: receiver.crt CN].")
+def serve_cmd(data_dir: Path, keys_dir: Path, listen: str, admin_listen: str,
+              max_payload_mb: int, receiver_id: str | None) -> None:
+    """Serve until SIGTERM; print LISTENING https://HOST:PORT admin http://HOST:PORT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
+                        "%(message)s")
+    host, port = _hostport(listen)
+    admin_host, admin_port = _hostport(admin_listen)
+    serve(ReceiverConfig(data_dir=data_dir, keys_dir=keys_dir, host=host, port=port,
+                         admin_host=admin_host, admin_port=admin_port,
+                         max_payload=max_payload_mb * 1024 * 1024, receiver_id=receiver_id))
+
+
+@main.command()
+@DATA
+@click.option("--device-id", required=True)
+@click.option("--signing-key", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The device's Ed25519 public key (device.pub).")
+@click.option("--cert", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The device's TLS client certificate (CN = device id).")
+@click.option("--replace", is_flag=True, help="Replace the keys of an enrolled device.")
+def enroll(data_dir: Path, device_id: str, signing_key: Path, cert: Path, replace: bool) -> None:
+    """Enroll a device (works while the receiver runs)."""
+    try:
+        key = load_device_key(signing_key)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    if key.device is not None and key.device != device_id:
+        raise click.ClickException(f"{signing_key} is the key of {key.device}, not {device_id}")
+    with ReceiverStore(data_dir) as store:
+        try:
+            device = store.enroll(device_id, signing_key.read_bytes(), cert.read_bytes(),
+                                  replace=replace)
+        except EnrollError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"enrolled {device.id} (certificate sha256 {device.cert_sha256})")
+
+
+def _utc(ns: int | None) -> str:
+    if ns is None:
+        return "never"
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ranges(gaps: list[list[int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in gaps) or "none"
+
+
+def _describe(st: dict[str, Any]) -> list[str]:
+    lines = [f"{st['device']}: {'enrolled' if st['enrolled'] else 'NOT ENROLLED'}, "
+             f"highest seq {st['highest_seq']}, {st['headers']} headers, "
+             f"{st['payloads']} payloads, last contact {_utc(st['last_contact_utc_ns'])}"]
+    waiting = ", ".join(f"{w['seq']} ({w['waited_s']} s)" for w in st["waiting"]) or "none"
+    lines.append(f"  waiting for payload: {waiting}")
+    lines.append(f"  gaps: {_ranges(st['gaps'])}")
+    for p in st["problems"]:
+        lines.append(f"  PROBLEM seq {p['seq']}: {p['kind']}: {p['detail']} "
+                     f"(x{p['count']}, last {_utc(p['last_utc_ns'])})")
+    return lines
+
+
+@main.command()
+@DATA
+@click.option("--json", "as_json", is_flag=True, help="Print the admin API's JSON.")
+def status(data_dir: Path, as_json: bool) -> None:
+    """Per device: highest seq, headers awaiting payload, gaps, problems, last contact."""
+    with ReceiverStore(data_dir) as store:
+        everything = store.status_all()
+    if as_json:
+        click.echo(json.dumps(everything, indent=2, sort_keys=True))
+        return
+    for st in everything["devices"].values():
+        for line in _describe(st):
+            click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
