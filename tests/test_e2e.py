@@ -41,7 +41,7 @@ def headers(spool: Path) -> list[dict]:
 
 
 def payload_members(counter: Counter, seq: int) -> dict[str, bytes]:
-    ids = load_identities(counter.keys / "branch.agekey")
+    ids = load_identities(counter.identity)
     blob = (counter.spool / f"{seq:010d}.payload.age").read_bytes()
     with tarfile.open(fileobj=io.BytesIO(pyrage.decrypt(blob, ids))) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -79,7 +79,7 @@ def test_recorded_sessions_verify_export_and_stay_in_sync(tmp_path):
             assert all(abs(v) <= 33_000 for v in clap.offsets_us.values()), clap
         claps += len(sync.claps)
     assert claps >= 4
-    ident = counter.keys / "branch.agekey"
+    ident = counter.identity
     first = counter.spool / "0000000000.payload.age"
     plain = subprocess.run(["age", "-d", "-i", str(ident), str(first)],
                            capture_output=True, check=True).stdout

@@ -81,6 +81,46 @@ def keys_branch(directory: Path, name: str, hosts: tuple[str, ...], force: bool)
                "keep ca.key and branch.agekey offline")
 
 
+# --- provision -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--branch", "branch", type=EXISTING_DIR, required=True,
+              help="The branch key directory (dualrec-tool keys branch).")
+@click.option("--id", "device_id", required=True, help="The new device's id.")
+@click.option("--receiver-url", required=True, help="https://HOST:PORT of the receiver.")
+@click.option("--out", type=DIRECTORY, required=True, help="Where the device's files go.")
+@click.option("--oplog-port", default="", help="The teller terminal's serial port.")
+@click.option("--enroll-admin", default=None, help="Enroll through the receiver's admin URL.")
+@click.option("--enroll-data", type=DIRECTORY, default=None,
+              help="Enroll into a receiver data directory on this machine.")
+@click.option("--force", is_flag=True, help="Replace an existing provisioning.")
+def provision(branch: Path, device_id: str, receiver_url: str, out: Path, oplog_port: str,
+              enroll_admin: str | None, enroll_data: Path | None, force: bool) -> None:
+    """Create a device's identity and site config, and enroll it at the receiver."""
+    from dualrec_tools import provision as prov
+
+    try:
+        done = prov.provision(branch, device_id, receiver_url, out, oplog_port=oplog_port,
+                              force=force)
+    except KeyExists as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"provisioning failed: {exc}") from None
+    click.echo(f"provisioned {device_id} in {out}/ (site config {done.site})")
+    try:
+        if enroll_admin:
+            prov.enroll_via_admin(enroll_admin, done, device_id)
+            click.echo(f"enrolled at {enroll_admin}")
+        elif enroll_data:
+            prov.enroll_in_data_dir(enroll_data, done, device_id)
+            click.echo(f"enrolled in {enroll_data}")
+        else:
+            click.echo("not enrolled: run dualrec-receiver enroll with device.pub and tls.crt")
+    except Exception as exc:
+        raise click.ClickException(f"enrollment failed: {exc}") from None
+
+
 # --- verify, export, sessions ----------------------------------------------------------------
 
 

@@ -1,11 +1,12 @@
 """`dualrec-sim`: the simulated counter, end to end (what `make run` runs).
 
-Makes a device identity and a branch age identity, writes a site config, starts the simulated
-teller terminal (a separate process behind a pseudo-terminal) and the gateway (a separate
-process, `dualrec run`, on the sim board), lets the teller work through a few transactions,
-stops the gateway cleanly, then verifies the chain, exports every session and measures the
-audio/video/log sync at the clapper instants. `Counter` is also the harness the end-to-end
-tests drive (kill -9, restart).
+Makes the branch's keys, starts the branch receiver on loopback (a separate process), provisions
+and enrolls a device, starts the simulated teller terminal (a separate process behind a
+pseudo-terminal) and the gateway (a separate process, `dualrec run`, on the sim board), lets the
+teller work through a few transactions while segments flow to the receiver, stops everything
+cleanly, then verifies what the receiver holds, exports every session and measures the
+audio/video/log sync at the clapper instants. `Counter` is also the harness the end-to-end tests
+drive (kill -9, restart, receiver faults).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 import click
 
 from dualrec.config import load_board
-from dualrec_tools.keys import write_branch_identity, write_device_key
 from dualrec_tools.export import ExportError, export_session, load_identities
+from dualrec_tools.keys import DEFAULT_RECEIVER_NAMES, write_branch
+from dualrec_tools.provision import enroll_via_admin, provision
 from dualrec_tools.sync import SyncReport, measure_sync
 from dualrec_tools.verify import Report, load_device_key, verify_dir
 
@@ -36,19 +38,36 @@ class Counter:
     workdir: Path
     board: Path
     site_extra: str = ""
+    with_receiver: bool = False
+    bandwidth_bps: int | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
+    receiver_url: str = ""
+    admin_url: str = ""
+
+    @property
+    def branch(self) -> Path:
+        return self.workdir / "branch"
 
     @property
     def keys(self) -> Path:
-        return self.workdir / "keys"
+        """The device's directory: its keys, certificates and site config."""
+        return self.workdir / "device"
+
+    @property
+    def identity(self) -> Path:
+        return self.branch / "branch.agekey"
 
     @property
     def spool(self) -> Path:
-        return self.workdir / "spool"
+        return self.keys / "spool"
+
+    @property
+    def received(self) -> Path:
+        return self.workdir / "receiver" / "devices" / DEVICE_ID
 
     @property
     def site(self) -> Path:
-        return self.workdir / "site.toml"
+        return self.keys / "site.toml"
 
     @property
     def link(self) -> Path:
@@ -60,29 +79,41 @@ class Counter:
         return sim.clap_period_ms if sim else 7000
 
     def prepare(self) -> None:
-        """A fresh device: new keys, empty spool and chain state."""
+        """A fresh branch and device: new keys, empty spool, chain state and receiver."""
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
         self.workdir.mkdir(parents=True)
-        write_device_key(self.keys, DEVICE_ID, force=False)
-        recipient = write_branch_identity(self.keys, force=False)
-        self.site.write_text(f"""# written by dualrec-sim
-[device]
-id = "{DEVICE_ID}"
-key = "keys/device.key"
+        write_branch(self.branch, "sim-branch", DEFAULT_RECEIVER_NAMES, force=False)
+        url = "https://127.0.0.1:1"  # replaced below when a receiver runs
+        if self.with_receiver:
+            self.start_receiver()
+            url = self.receiver_url
+        done = provision(self.branch, DEVICE_ID, url, self.keys, oplog_port=str(self.link),
+                         bandwidth_bps=self.bandwidth_bps, site_extra=self.site_extra)
+        if self.with_receiver:
+            enroll_via_admin(self.admin_url, done, DEVICE_ID)
+        else:  # a box with no branch server: no [uplink] section at all
+            text = self.site.read_text()
+            self.site.write_text(text[:text.index("[uplink]")] + self.site_extra)
 
-[oplog]
-port = "{self.link}"
-encoding = "gb18030"
-
-[seal]
-recipients = ["{recipient}"]
-
-[spool]
-dir = "spool"
-state = "state/state.db"
-{self.site_extra}
-""")
+    def start_receiver(self, port: int = 0) -> subprocess.Popen:
+        """The branch receiver as its own process; blocks until it listens. Pass the port of
+        the previous receiver to restart it where the box expects it."""
+        listen = f"127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "dualrec_tools.receiver.cli", "serve",
+               "--data", str(self.workdir / "receiver"), "--keys", str(self.branch),
+               "--listen", listen, "--admin-listen", "127.0.0.1:0"]
+        log = (self.workdir / "receiver.log").open("a")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("LISTENING"):
+            proc.kill()
+            raise RuntimeError(f"receiver did not start: {line!r}; see receiver.log")
+        _, self.receiver_url, _, self.admin_url = line.split()
+        self.receiver_proc = proc
+        return proc
 
     def start_terminal(self, duration_s: float, transactions: int = 3,
                        seed: int | None = None) -> subprocess.Popen:
@@ -138,12 +169,25 @@ state = "state/state.db"
                 p.kill()
                 p.wait(5)
 
-    def verify(self) -> Report:
-        return verify_dir(self.spool, [load_device_key(self.keys / "device.pub")])
+    def store(self) -> Path:
+        """Where the sealed segments are now: the receiver's copy, or the box's spool."""
+        return self.received if self.with_receiver else self.spool
+
+    def verify(self, directory: Path | None = None) -> Report:
+        return verify_dir(directory or self.store(), [load_device_key(self.keys / "device.pub")])
+
+    def wait_spool_drained(self, timeout: float) -> bool:
+        """Wait until the box holds no sealed segment (all acknowledged by receipts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not list(self.spool.glob("*.hdr.json")):
+                return True
+            time.sleep(0.2)
+        return False
 
     def export(self, session: str) -> tuple[Path, SyncReport]:
-        out = export_session(self.spool, session, self.workdir / "export",
-                             load_identities(self.keys / "branch.agekey"),
+        out = export_session(self.store(), session, self.workdir / "export",
+                             load_identities(self.identity),
                              [load_device_key(self.keys / "device.pub")])
         records = [json.loads(line) for line in out.oplog.read_text().splitlines() if line]
         return out.mkv, measure_sync(out.mkv, records, out.origin_ns)
@@ -155,12 +199,20 @@ def _echo(proc: subprocess.Popen, log) -> None:
     for line in proc.stderr:
         log.write(line)
         log.flush()
-        if " sealed seq " in line or "ERROR" in line or "WARNING" in line:
+        if any(w in line for w in (" sealed seq ", "acknowledged", "ERROR", "WARNING")):
             click.echo("  gateway: " + line.split(" ", 3)[-1].rstrip())
 
 
+def receiver_status(counter: Counter) -> dict:
+    import httpx
+
+    r = httpx.get(f"{counter.admin_url}/admin/status", timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
 def summarize(counter: Counter, report: Report, syncs: dict[str, SyncReport],
-              exports: dict[str, Path]) -> list[str]:
+              exports: dict[str, Path], status: dict | None = None) -> list[str]:
     headers = [hf.header for hf in report.chain.values() if hf.header is not None]
     frames = sum(h["streams"]["video"]["frames"] for h in headers)
     drops = sum(h["streams"]["video"]["drops"] for h in headers)
@@ -184,9 +236,17 @@ def summarize(counter: Counter, report: Report, syncs: dict[str, SyncReport],
     for session, sync in syncs.items():
         out.append(f"  {session}:")
         out.extend(f"    {line}" for line in sync.lines())
-    out.append(f"sealed segments {counter.spool}/")
+    left = len(list(counter.spool.glob("*.hdr.json")))
+    out.append(f"box spool       {counter.spool}/: {left} segments waiting for a receipt")
+    if status is not None:
+        out.append(f"receiver        {counter.receiver_url}: holds {counter.received}/")
+        dev = status.get("devices", {}).get(DEVICE_ID, {})
+        out.append(f"                {dev.get('headers', 0)} headers, {dev.get('payloads', 0)} "
+                   f"payloads, highest seq {dev.get('highest_seq')}, waiting for payload "
+                   f"{len(dev.get('waiting', []))}, gaps {dev.get('gaps') or 'none'}, "
+                   f"problems {len(dev.get('problems', []))}")
     out.extend(f"exported        {p}" for p in exports.values())
-    out.append(f"verify          {report.verdict()}")
+    out.append(f"verify          {report.verdict()} (dualrec-tool verify {counter.store()})")
     out.extend(f"  {p}" for p in report.problems)
     return out
 
@@ -200,20 +260,25 @@ def summarize(counter: Counter, report: Report, syncs: dict[str, SyncReport],
 @click.option("--transactions", type=int, default=3, show_default=True)
 def main(workdir: Path, board: Path, duration: float, transactions: int) -> None:
     """Run the box on the simulated counter and report what it recorded."""
-    counter = Counter(workdir.resolve(), board.resolve())
+    counter = Counter(workdir.resolve(), board.resolve(), with_receiver=True)
     click.echo(f"dualrec simulated counter: board {board}, {duration:.0f} s, "
                f"{transactions} transactions, work dir {workdir}/")
     counter.prepare()
-    click.echo(f"  provisioned device {DEVICE_ID}: keys in {counter.keys}/")
+    click.echo(f"  branch keys in {counter.branch}/; receiver on {counter.receiver_url}")
+    click.echo(f"  provisioned and enrolled device {DEVICE_ID}: {counter.keys}/")
     try:
         terminal = counter.start_terminal(duration, transactions)
         click.echo(f"  teller terminal on {counter.link} (a pseudo-terminal)")
         gateway = counter.start_gateway(echo=True)
         click.echo(f"  gateway running (pid {gateway.pid}); log in {workdir}/gateway.log")
         counter.wait_terminal_done(terminal, duration + 40)
-        time.sleep(0.5)  # let the last post-roll run out before the orderly stop
+        time.sleep(3)  # the last post-roll and its seal
+        if not counter.wait_spool_drained(60):
+            click.echo("  the spool did not drain within 60 s: segments stay on the box")
         code = counter.stop(gateway)
         counter.stop(terminal)
+        status = receiver_status(counter)
+        counter.stop(counter.receiver_proc)
         if code != 0:
             raise click.ClickException(f"gateway exited with {code}; see {workdir}/gateway.log")
     finally:
@@ -227,7 +292,7 @@ def main(workdir: Path, board: Path, duration: float, transactions: int) -> None
         except ExportError as exc:
             click.echo(f"  export of {s.session} refused: {exc}", err=True)
     click.echo("")
-    for line in summarize(counter, report, syncs, exports):
+    for line in summarize(counter, report, syncs, exports, status):
         click.echo(line)
     if not report.passed():
         sys.exit(1)

@@ -58,8 +58,13 @@ STATUS = {
     "payload_mismatch": 422, "bad_payload": 422,
 }
 
+# Each payload upload holds a worker thread for as long as it streams; they get their own
+# pool, so slow uploads never starve the short store calls (headers first) of the default one.
+PAYLOAD_WORKERS = 64
+
 STORE = web.AppKey("store", ReceiverStore)
 MAX_PAYLOAD = web.AppKey("max_payload", int)
+PAYLOAD_POOL = web.AppKey("payload_pool", concurrent.futures.ThreadPoolExecutor)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -94,6 +99,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         word = (exc.reason or "error").lower().replace(" ", "_")
         return refuse(request.match_info.get("device", "-"), request.match_info.get("seq", "-"),
                       word, f"{request.method} {request.path}: {exc.reason}", exc.status)
+    except ConnectionError:
+        raise  # the client went away; nobody to answer
     except OSError as exc:  # the store could not write (disk full, I/O error): retry later
         log.exception("storage failure on %s %s", request.method, request.path)
         return web.json_response({"error": "storage", "detail": str(exc)}, status=503)
@@ -210,15 +217,35 @@ async def put_payload(request: web.Request) -> web.Response:
         detail = f"body of {request.content_length} bytes, the limit is {limit}"
         await asyncio.to_thread(store.record_problem, device, seq, "oversized", detail)
         return refuse(device, seq, "oversized", detail)
-    body = _chunks(request.content, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    body = _chunks(request.content, loop)
     try:
-        outcome = await asyncio.to_thread(store.put_payload, device, seq, header_sha, body,
-                                          limit)
+        outcome = await loop.run_in_executor(request.app[PAYLOAD_POOL], store.put_payload,
+                                             device, seq, header_sha, body, limit)
     except ClientGone as exc:
         return refuse(device, seq, "incomplete", str(exc))
     if outcome.kind == "stored":
         log.info("payload stored device=%s seq=%d", device, seq)
-    return _answer(device, seq, outcome)
+    response = _answer(device, seq, outcome)
+    if not await _drain(request.content, limit):
+        response.force_close()
+    return response
+
+
+async def _drain(content: StreamReader, limit: int) -> bool:
+    """Read and drop what the store did not need (a repeat of a stored payload, or one refused
+    before its end), up to limit bytes; True if the body was read to its end.
+
+    An HTTP/1.1 client without 100-continue (httpx) reads the answer only after sending its
+    whole body. Left to aiohttp, an unread body is drained for 10 s and the connection then
+    reset: a retry of a large payload over a slow link would never see its receipt."""
+    total = 0
+    while total <= limit:
+        chunk = await content.readany()
+        if not chunk:
+            return True
+        total += len(chunk)
+    return False
 
 
 async def get_receipt(request: web.Request) -> web.Response:
@@ -272,6 +299,12 @@ def make_app(store: ReceiverStore, max_payload: int = DEFAULT_MAX_PAYLOAD) -> we
     app = web.Application(client_max_size=HEADER_MAX, middlewares=[json_errors])
     app[STORE] = store
     app[MAX_PAYLOAD] = max_payload
+    app[PAYLOAD_POOL] = concurrent.futures.ThreadPoolExecutor(PAYLOAD_WORKERS, "payload")
+
+    async def stop_pool(app: web.Application) -> None:
+        app[PAYLOAD_POOL].shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(stop_pool)
     seg = "/v1/devices/{device}/segments/{seq}"
     app.router.add_put(f"{seg}/header", put_header)
     app.router.add_put(f"{seg}/payload", put_payload)
