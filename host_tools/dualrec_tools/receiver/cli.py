@@ -106,6 +106,8 @@ def _describe(st: dict[str, Any]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the admin API's JSON.")
 def status(data_dir: Path, as_json: bool) -> None:
     """Per device: highest seq, headers awaiting payload, gaps, problems, last contact."""
+    if not (data_dir / "receiver.db").exists():
+        raise click.ClickException(f"{data_dir} holds no receiver data (receiver.db)")
     with ReceiverStore(data_dir) as store:
         everything = store.status_all()
     if as_json:
