@@ -13,7 +13,7 @@ import pytest
 from dualrec.config import load_board, load_site
 from dualrec.gateway import Gateway
 from dualrec.segment_format import parse_header, scan_dir
-from dualrec_tools.simcounter import Counter
+from dualrec_tools.simcounter import Counter, receiver_status
 from test_e2e import small_board, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -44,7 +44,7 @@ def test_kill9_during_upload_in_a_loop_loses_nothing(tmp_path, capsys):
         assert counter.wait_spool_drained(90), "spool did not drain"
         assert counter.stop(gateway) == 0
         counter.stop(terminal)
-        status = __import__("dualrec_tools.simcounter", fromlist=["x"]).receiver_status(counter)
+        status = receiver_status(counter)
         counter.stop(counter.receiver_proc)
     finally:
         counter.cleanup()
