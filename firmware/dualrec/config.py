@@ -30,8 +30,15 @@ class BoardInfo(_Strict):
     description: str = ""
 
 
+Gpio = Annotated[int, Field(ge=0, le=27)]  # BCM numbering on the 40-pin header
+
+
 class CameraProfile(_Strict):
     backend: Literal["sim", "picamera2", "none"]
+    # picamera2 only: "hardware" = H264Encoder on the VideoCore (Pi 4, CM4, Zero 2 W);
+    # "libav" = LibavH264Encoder in software (Pi 5 has no H.264 block).
+    encoder: Literal["hardware", "libav"] = "hardware"
+    sensor_index: Annotated[int, Field(ge=0, le=3)] = 0
     width: Annotated[int, Field(ge=160, le=3840)] = 1280
     height: Annotated[int, Field(ge=120, le=2160)] = 720
     fps: Annotated[int, Field(ge=1, le=60)] = 30
@@ -47,7 +54,7 @@ class CameraProfile(_Strict):
 
 class MicrophoneProfile(_Strict):
     backend: Literal["sim", "pyaudio", "none"]
-    device: str = ""  # ALSA device name for pyaudio
+    device: str = ""  # pyaudio: a substring of the ALSA device name, e.g. "USB Audio" or "null"
     rate: Literal[16000, 32000, 44100, 48000] = 48000
     channels: Annotated[int, Field(ge=1, le=2)] = 1
     block_frames: Annotated[int, Field(ge=64, le=8192)] = 960
@@ -55,15 +62,39 @@ class MicrophoneProfile(_Strict):
 
 class OpLogProfile(_Strict):
     backend: Literal["serial", "picotap", "none"] = "serial"
-    port: str = ""  # may be overridden by the site config
+    # A path (/dev/ttyAMA0, /dev/serial/by-id/...), "usb:VID:PID[:SERIAL]" or a pyserial URL;
+    # the site config's [oplog] port, when set, wins.
+    port: str = ""
+
+
+class TapProfile(_Strict):
+    """The Pico serial tap (backend picotap): its USB data port and the clock-sync line."""
+
+    port: str = "usb:2e8a:0005"  # the tap's own CDC data interface, not the REPL
+    sync_gpio: Gpio | None = None  # Pi output pulsed at known CLOCK_MONOTONIC instants
+    uart_baud: Annotated[int, Field(ge=300, le=921_600)] = 115_200
+    rx_pins: list[Annotated[int, Field(ge=0, le=28)]] = [1]  # Pico GP pins of the tapped lines
+    sync_pin: Annotated[int, Field(ge=0, le=28)] = 22  # Pico GP pin the sync line arrives on
 
 
 class PanelProfile(_Strict):
     backend: Literal["sim", "rpigpio"] = "sim"
+    # BCM numbers. LEDs are driven high = on; inputs use the internal pull-up, active low.
+    recording_led: Gpio = 17
+    fault_led: Gpio = 27
+    button: Gpio = 22
+    tamper: Gpio = 23
+    power_fail: Gpio = 24
+    debounce_ms: Annotated[int, Field(ge=1, le=500)] = 30
+    long_press_ms: Annotated[int, Field(ge=300, le=10_000)] = 1500
 
 
 class ClockProfile(_Strict):
     source: Literal["system", "rtc"] = "system"
+    rtc: str = "/dev/rtc0"
+    chrony: bool = False  # read `chronyc -c tracking` into each segment's clock quality
+    pps: str = ""  # e.g. /dev/pps0 (dtoverlay=pps-gpio); empty: none
+    pps_gpio: Gpio | None = None
     step_threshold_ms: Annotated[int, Field(ge=1, le=60_000)] = 100
 
 
@@ -78,7 +109,29 @@ class BoardProfile(_Strict):
     oplog: OpLogProfile = OpLogProfile()
     panel: PanelProfile = PanelProfile()
     clock: ClockProfile = ClockProfile()
+    tap: TapProfile | None = None
     sim: SimProfile | None = None
+
+    @model_validator(mode="after")
+    def _pins_once(self) -> BoardProfile:
+        """A GPIO wired to two functions is a wiring error: refuse it at start."""
+        used: dict[int, str] = {}
+        pins: list[tuple[str, int | None]] = []
+        if self.panel.backend == "rpigpio":
+            pins += [(f"panel.{n}", getattr(self.panel, n)) for n in
+                     ("recording_led", "fault_led", "button", "tamper", "power_fail")]
+        pins.append(("clock.pps_gpio", self.clock.pps_gpio))
+        if self.tap is not None:
+            pins.append(("tap.sync_gpio", self.tap.sync_gpio))
+        for name, pin in pins:
+            if pin is None:
+                continue
+            if pin in used:
+                raise ValueError(f"GPIO{pin} is used twice: {used[pin]} and {name}")
+            used[pin] = name
+        if self.oplog.backend == "picotap" and self.tap is None:
+            raise ValueError("oplog backend picotap needs a [tap] section")
+        return self
 
 
 # --- site config -----------------------------------------------------------------------------

@@ -173,8 +173,10 @@ class Gateway:
                  devices: Devices | None = None) -> None:
         self.board, self.site = board, site
         self.devices = devices or build_devices(board, site)
-        self.timebase = Timebase(source=board.clock.source,
-                                 step_threshold_ns=board.clock.step_threshold_ms * 1_000_000)
+        tb_args = {"sync_state": self.devices.sync_state} if self.devices.sync_state else {}
+        self.timebase = Timebase(source=self.devices.clock_source,
+                                 step_threshold_ns=board.clock.step_threshold_ms * 1_000_000,
+                                 **tb_args)
         self.chain = ChainState(site.spool.state)
         self.stats = Stats()
         self.sealer = Sealer(

@@ -1,8 +1,9 @@
 """Builds the devices a board profile names. Backends are imported here, lazily, so a board
-that does not use a library never imports it."""
+that does not use a hardware library never imports it (everything else imports anywhere)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dualrec.config import BoardProfile, SiteConfig
@@ -15,48 +16,77 @@ class Devices:
     microphone: Microphone | None
     oplog: OpLog | None
     panel: Panel
+    clock_source: str = "system"
+    # (synced, est_error_ns) for each segment's clock quality; None: the kernel's adjtimex view
+    sync_state: Callable[[], tuple[bool, int]] | None = None
 
 
-def build_devices(board: BoardProfile, site: SiteConfig) -> Devices:
-    clap = board.sim.clap_period_ms if board.sim else 7000
+def build_camera(board: BoardProfile) -> Camera | None:
     cam = board.camera
-    camera: Camera | None = None
+    clap = board.sim.clap_period_ms if board.sim else 7000
     if cam.backend == "sim":
         from dualrec.sim.camera import SimCamera
 
-        camera = SimCamera(width=cam.width, height=cam.height, fps=cam.fps, gop=cam.gop,
-                           bitrate=cam.bitrate, clap_period_ms=clap)
-    elif cam.backend != "none":
-        raise DeviceError(f"camera backend {cam.backend!r} is not available in this build")
+        return SimCamera(width=cam.width, height=cam.height, fps=cam.fps, gop=cam.gop,
+                         bitrate=cam.bitrate, clap_period_ms=clap)
+    if cam.backend == "picamera2":
+        from dualrec.devices.picamera2_camera import PiCamera
 
+        return PiCamera(cam)
+    return None
+
+
+def build_microphone(board: BoardProfile) -> Microphone | None:
     mic = board.microphone
-    microphone: Microphone | None = None
+    clap = board.sim.clap_period_ms if board.sim else 7000
     if mic.backend == "sim":
         from dualrec.sim.microphone import SimMicrophone
 
-        microphone = SimMicrophone(rate=mic.rate, channels=mic.channels,
-                                   block_frames=mic.block_frames, clap_period_ms=clap)
-    elif mic.backend != "none":
-        raise DeviceError(f"microphone backend {mic.backend!r} is not available in this build")
+        return SimMicrophone(rate=mic.rate, channels=mic.channels,
+                             block_frames=mic.block_frames, clap_period_ms=clap)
+    if mic.backend == "pyaudio":
+        from dualrec.devices.pyaudio_microphone import PyAudioMicrophone
 
-    oplog: OpLog | None = None
+        return PyAudioMicrophone(mic)
+    return None
+
+
+def build_oplog(board: BoardProfile, site: SiteConfig) -> OpLog | None:
+    from dualrec.oplog_framer import LineFramer
+
+    framer = LineFramer(site.oplog.encoding, site.oplog.line_end.encode(), site.oplog.max_line)
     if board.oplog.backend == "serial":
         from dualrec.devices.serial_oplog import SerialOpLog
-        from dualrec.oplog_framer import LineFramer
 
         port = site.oplog.port or board.oplog.port
         if not port:
             raise DeviceError("operation log: no serial port set (site [oplog] port)")
-        framer = LineFramer(site.oplog.encoding, site.oplog.line_end.encode(),
-                            site.oplog.max_line)
-        oplog = SerialOpLog(port, site.oplog.baud, framer)
-    elif board.oplog.backend != "none":
-        raise DeviceError(f"oplog backend {board.oplog.backend!r} is not available in this build")
+        return SerialOpLog(port, site.oplog.baud, framer)
+    if board.oplog.backend == "picotap":
+        from dualrec.devices.picotap import PicoTapOpLog
 
-    if board.panel.backend == "sim":
-        from dualrec.sim.panel import SimPanel
+        assert board.tap is not None  # the profile validator insists
+        return PicoTapOpLog(board.tap, framer)
+    return None
 
-        panel: Panel = SimPanel()
-    else:
-        raise DeviceError(f"panel backend {board.panel.backend!r} is not available in this build")
-    return Devices(camera, microphone, oplog, panel)
+
+def build_panel(board: BoardProfile) -> Panel:
+    if board.panel.backend == "rpigpio":
+        from dualrec.devices.gpio_panel import GpioPanel
+
+        return GpioPanel(board.panel)
+    from dualrec.sim.panel import SimPanel
+
+    return SimPanel()
+
+
+def build_devices(board: BoardProfile, site: SiteConfig) -> Devices:
+    devices = Devices(build_camera(board), build_microphone(board), build_oplog(board, site),
+                      build_panel(board))
+    if board.clock.source == "rtc" or board.clock.chrony:
+        from dualrec.devices.clock import ClockQuality
+
+        quality = ClockQuality(board.clock)
+        devices.clock_source = quality.source
+        devices.sync_state = quality.sync_state
+    return devices
