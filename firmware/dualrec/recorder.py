@@ -20,6 +20,8 @@ from dualrec.segment import Segment
 from dualrec.segmenter import Segmenter
 
 IMMEDIATE = {"tamper", "power_fail", "clock_step"}  # cut the segment at once (DESIGN.md, Chain)
+# Panel events: "button" (short press: start/stop), "mark" (long press: a note in the record),
+# "tamper", "power_fail". A mark while recording is kept in the segment's events like any other.
 ON_RECORD_WHEN_IDLE = IMMEDIATE | {"fault", "session_interrupted", "fault_cleared"}
 
 
@@ -89,6 +91,10 @@ class Recorder:
                 self.request_stop(ev.t_mono_ns, "button")
         elif ev.kind in IMMEDIATE and self.state != "idle":
             self.seg.cut(ev.t_mono_ns, ev.kind)
+            if ev.kind == "power_fail":
+                # The hold-up time is short: hand the segment to the sealer now rather than
+                # wait for late samples (an audio block in flight is the price).
+                self.seg.flush()
         elif ev.kind in ON_RECORD_WHEN_IDLE and self.state == "idle":
             self._seal_events_only([ev], ev.kind)
 
