@@ -41,6 +41,27 @@ def check_config(board_path: Path, site_path: Path) -> None:
 @main.command()
 @BOARD
 @SITE
+def diag(board_path: Path, site_path: Path) -> None:
+    """Check every device of the box: PASS or FAIL with the reason."""
+    from dualrec.diag import run_all
+
+    try:
+        board, site = load_board(board_path), load_site(site_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    checks = run_all(board, site)
+    for c in checks:
+        click.echo(c.line())
+    failed = [c.name for c in checks if not c.ok]
+    click.echo(f"{len(checks) - len(failed)} passed, {len(failed)} failed"
+               + (f": {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@BOARD
+@SITE
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 @click.option("-v", "--verbose", is_flag=True)
 def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool) -> None:

@@ -1,0 +1,173 @@
+"""`dualrec diag`: check each device of the box, pass or fail with the reason.
+
+Camera (a decodable keyframe arrives), microphone (blocks arrive; level in dBFS), operation log
+(the port opens; activity seen), clock (source, synced, estimated error; RTC against the system
+clock where the board has one), spool disk (free space against the quota), receiver (TLS with the
+device's certificate, its status answer). Each check is bounded in time, so a dead device fails
+instead of hanging the technician.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dualrec.config import BoardProfile, SiteConfig
+from dualrec.devices.base import DeviceError
+from dualrec.samples import AudioBlock, Event, LogLine, VideoPacket
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.name:<12} {self.detail}"
+
+
+def _collect(start: Callable[[Callable, Callable], None], stop: Callable[[], None],
+             seconds: float, enough: Callable[[list], bool]) -> tuple[list, list[Event]]:
+    samples: queue.Queue = queue.Queue()
+    events: list[Event] = []
+    start(samples.put, events.append)
+    got: list = []
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and not enough(got):
+            with contextlib.suppress(queue.Empty):
+                got.append(samples.get(timeout=0.05))
+    finally:
+        stop()
+    return got, events
+
+
+def check_camera(board: BoardProfile, seconds: float = 5) -> Check:
+    from dualrec.devices.factory import build_camera
+
+    try:
+        cam = build_camera(board)
+        if cam is None:
+            return Check("camera", True, "none on this board")
+        got, events = _collect(cam.start, cam.stop, seconds,
+                               lambda g: any(isinstance(p, VideoPacket) and p.keyframe for p in g)
+                               and len(g) >= 3)
+    except DeviceError as exc:
+        return Check("camera", False, str(exc))
+    faults = [e.detail for e in events if e.kind == "fault"]
+    keys = [p for p in got if isinstance(p, VideoPacket) and p.keyframe]
+    if faults or not keys:
+        return Check("camera", False, f"no keyframe within {seconds:.0f} s {faults or ''}".strip())
+    import av
+
+    try:
+        codec = av.CodecContext.create("h264", "r")
+        frames = [f for p in got for f in codec.decode(av.Packet(p.data))]
+    except av.FFmpegError as exc:
+        return Check("camera", False, f"frames do not decode: {exc}")
+    f = cam.format
+    return Check("camera", bool(frames), f"{len(got)} frames, {f.width}x{f.height}@{f.fps}, "
+                 f"{len(frames)} decoded")
+
+
+def check_microphone(board: BoardProfile, seconds: float = 2) -> Check:
+    from dualrec.devices.factory import build_microphone
+
+    try:
+        mic = build_microphone(board)
+        if mic is None:
+            return Check("microphone", True, "none on this board")
+        rate = mic.format.rate
+        got, events = _collect(mic.start, mic.stop, seconds + 1,
+                               lambda g: sum(b.frames for b in g) >= rate * seconds)
+    except DeviceError as exc:
+        return Check("microphone", False, str(exc))
+    blocks = [b for b in got if isinstance(b, AudioBlock)]
+    if not blocks:
+        return Check("microphone", False, f"no audio within {seconds + 1:.0f} s")
+    import numpy as np
+
+    pcm = np.frombuffer(b"".join(b.pcm for b in blocks), "<i2").astype(np.float64)
+    rms = math.sqrt(float(np.mean(pcm**2))) if pcm.size else 0.0
+    dbfs = 20 * math.log10(rms / 32768) if rms > 0 else -math.inf
+    overflows = sum(b.overflow for b in blocks)
+    ok = dbfs > -90 and not [e for e in events if e.kind == "fault"]
+    why = "" if dbfs > -90 else " (digital silence: muted or unplugged?)"
+    return Check("microphone", ok, f"{pcm.size / rate / mic.format.channels:.1f} s, "
+                 f"level {dbfs:.0f} dBFS, {overflows} overflows{why}")
+
+
+def check_oplog(board: BoardProfile, site: SiteConfig, seconds: float = 3) -> Check:
+    from dualrec.devices.factory import build_oplog
+
+    try:
+        oplog = build_oplog(board, site)
+        if oplog is None:
+            return Check("oplog", True, "none on this board")
+        got, events = _collect(oplog.start, oplog.stop, seconds, lambda g: len(g) >= 3)
+    except DeviceError as exc:
+        return Check("oplog", False, str(exc))
+    lines = [x for x in got if isinstance(x, LogLine)]
+    faults = [e.detail for e in events if e.kind == "fault"]
+    if faults:
+        return Check("oplog", False, f"{faults[0]}")
+    flagged = sum(bool(x.flags) for x in lines)
+    return Check("oplog", True, f"port open; {len(lines)} lines in {seconds:.0f} s"
+                 f" ({flagged} flagged)" + ("" if lines else " (terminal idle?)"))
+
+
+def check_clock(board: BoardProfile) -> Check:
+    from dualrec.timebase import kernel_sync_state
+
+    source, sync_state = "system", kernel_sync_state
+    if board.clock.source == "rtc" or board.clock.chrony:
+        try:
+            from dualrec.devices.clock import ClockQuality
+
+            quality = ClockQuality(board.clock)
+            source, sync_state = quality.source, quality.sync_state
+        except (DeviceError, OSError) as exc:
+            return Check("clock", False, str(exc))
+    synced, err = sync_state()
+    text = f"source {source}, " + (f"synced, est. error {err / 1e6:.1f} ms" if synced
+                                   else "NOT synced: UTC in headers is marked unsynced")
+    return Check("clock", synced or board.clock.source == "system", text)
+
+
+def check_disk(site: SiteConfig) -> Check:
+    site.spool.dir.mkdir(parents=True, exist_ok=True)
+    usage = shutil.disk_usage(site.spool.dir)
+    free_mb = usage.free // 2**20
+    ok = free_mb > site.spool.min_free_mb
+    return Check("disk", ok, f"{free_mb} MiB free at {site.spool.dir} "
+                 f"(minimum {site.spool.min_free_mb} MiB, quota {site.spool.quota_mb} MiB)")
+
+
+def check_receiver(site: SiteConfig) -> Check:
+    if site.uplink is None:
+        return Check("receiver", True, "no [uplink] configured")
+    import httpx
+
+    from dualrec.uplink import client_ssl_context
+
+    url = f"{site.uplink.url.rstrip('/')}/v1/devices/{site.device.id}/status"
+    try:
+        r = httpx.get(url, verify=client_ssl_context(site.uplink), timeout=5)
+    except (httpx.HTTPError, OSError) as exc:
+        return Check("receiver", False, f"{site.uplink.url}: {exc}")
+    if r.status_code != 200:
+        return Check("receiver", False, f"{site.uplink.url}: HTTP {r.status_code} {r.text[:120]}")
+    st = r.json()
+    return Check("receiver", True, f"{site.uplink.url}: enrolled, highest seq "
+                 f"{st.get('highest_seq')}, {len(st.get('waiting', []))} waiting")
+
+
+def run_all(board: BoardProfile, site: SiteConfig) -> list[Check]:
+    return [check_camera(board), check_microphone(board), check_oplog(board, site),
+            check_clock(board), check_disk(site), check_receiver(site)]
