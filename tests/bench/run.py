@@ -15,15 +15,21 @@ Run as ``python -m tests.bench.run [--seconds 60]``. In order:
    bytes appended to age's input), measured the same way.
 4. Sealing throughput on real packed segments (~10 s each): Sealer.seal, pyrage.encrypt plus
    the durable write, and the `age` CLI writing the same bytes to a file.
+5. The uplink (tests.bench.uplink_bench), over loopback mutual TLS to the real receiver in a
+   subprocess: backlog drain throughput against curl uploading the same sealed files the same
+   way, and the achieved payload rate against the bandwidth cap at two settings.
 
 It prints a table and writes the figures to run/bench.json. Nothing is asserted: a benchmark,
 not a test. With --profile, an extra (unmeasured) gateway run under py-spy lists hot spots.
+With --skip-gateway only the clip and part 5 run (quick iteration on the uplink); their figures
+replace the "uplink" entry of an existing run/bench.json and leave the rest of it as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
 import json
 import os
@@ -56,6 +62,7 @@ from dualrec.sim.replay_camera import is_idr
 from dualrec.sim.terminal import stamp_line
 from dualrec.timebase import Timebase
 
+from . import uplink_bench
 from .clip import encode_clip, looped, noise_pcm
 from .oplog_writer import bodies, log_bytes
 
@@ -448,9 +455,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="keep the bench's files here (default: a temporary directory)")
     ap.add_argument("--profile", action="store_true",
                     help="also run the gateway under py-spy (unmeasured) and list hot spots")
+    ap.add_argument("--skip-gateway", action="store_true",
+                    help="run only the uplink part (clip, then part 5)")
+    ap.add_argument("--uplink-segments", type=int, default=40,
+                    help="sealed segments in the drained backlog")
+    ap.add_argument("--uplink-segment-mb", type=float, default=2.5)
+    ap.add_argument("--uplink-repeats", type=int, default=3,
+                    help="(curl, uplink) drain runs; medians are reported")
+    ap.add_argument("--cap-seconds", type=float, default=10.0,
+                    help="payload per cap run, in seconds at that cap")
+    ap.add_argument("--caps", type=lambda v: [int(x) for x in v.split(",")],
+                    default=[4_000_000, 1_000_000], help="bandwidth caps, bit/s, comma separated")
     args = ap.parse_args(argv)
     if args.seconds < 12:
         ap.error("--seconds must be at least 12 (one 10 s segment and its cut)")
+    if min(args.uplink_segments, args.uplink_repeats) < 1 or args.cap_seconds <= 0 or \
+            not all(8_000 <= c <= 10_000_000_000 for c in args.caps):
+        ap.error("--uplink-segments and --uplink-repeats need at least 1, --cap-seconds more "
+                 "than 0, --caps values within the config's 8000..10000000000 bit/s")
 
     with tempfile.TemporaryDirectory(prefix="dualrec-bench-") as tmp:
         work = args.workdir or Path(tmp)
@@ -458,7 +480,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args, work)
 
 
+def _uplink(args: argparse.Namespace, work: Path, units: list[bytes]) -> dict[str, Any]:
+    return uplink_bench.run_uplink_bench(
+        work / "uplink", units, segments=args.uplink_segments,
+        segment_mb=args.uplink_segment_mb, repeats=args.uplink_repeats, caps=args.caps,
+        cap_seconds=args.cap_seconds)
+
+
+def _bench_uplink_only(args: argparse.Namespace, work: Path) -> int:
+    info = machine_info()
+    print(f"dualrec bench, uplink only: {info['cpu']} x{info['cores']}", flush=True)
+    t0 = time.monotonic()
+    units = encode_clip(args.clip_seconds, WIDTH, HEIGHT, FPS, GOP, args.bitrate)
+    print(f"clip: {len(units)} frames, encoded in {time.monotonic() - t0:.1f} s (not measured)",
+          flush=True)
+    uplink = _uplink(args, work, units)
+    results: dict[str, Any] = {}
+    if args.out.exists():
+        with contextlib.suppress(ValueError):
+            results = json.loads(args.out.read_text())
+    results.setdefault("machine", info)
+    results["uplink"] = uplink
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    print()
+    print(table(uplink_bench.rows(uplink)))
+    print(f"\nwritten: {args.out} (uplink entry)")
+    return 0
+
+
 def _bench(args: argparse.Namespace, work: Path) -> int:
+    if args.skip_gateway:
+        return _bench_uplink_only(args, work)
     seconds = args.seconds
     info = machine_info()
     print(f"dualrec bench: {seconds} s session, {info['cpu']} x{info['cores']}", flush=True)
@@ -508,6 +561,8 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     if args.profile:
         profile = _profile(work, keys, clip_path, min(seconds, 30), args.oplog_rate)
 
+    uplink = _uplink(args, work, units)
+
     ratio_run = gw_run_per_s / base_per_s if base_per_s else None
     ratio_all = gw_all_per_s / base_per_s if base_per_s else None
     ratio_own = gw_own_per_s / base_per_s if base_per_s else None
@@ -531,6 +586,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
                    "pyrage_durable_vs_age_mb_s": seal["pyrage_durable"]["mb_per_s_wall"] / age_mb},
         "sealing": seal,
         "profile": profile,
+        "uplink": uplink,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
@@ -590,6 +646,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
          f"{results['ratios']['sealer_seal_vs_age_mb_s']:.2f}"),
         ("ratio pyrage+durable / age (wall MB/s)",
          f"{results['ratios']['pyrage_durable_vs_age_mb_s']:.2f}"),
+        *uplink_bench.rows(uplink),
     ]
     print()
     print(table(rows))
