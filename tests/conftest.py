@@ -12,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 for sub in ("firmware", "host_tools"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
@@ -56,25 +57,3 @@ def key_files(tmp_path: Path, device_key: Ed25519PrivateKey, age_identity) -> di
     (keys / "branch.agekey").write_text(f"# test identity\n{age_identity}\n")
     return {"device_key": keys / "device.key", "device_pub": keys / "device.pub",
             "identity": keys / "branch.agekey", "recipient": str(age_identity.to_public())}
-
-
-def write_site(path: Path, key_files: dict[str, Path], *, port: str = "loop://",
-               spool: Path | None = None, extra: str = "") -> Path:
-    spool = spool or path.parent / "spool"
-    path.write_text(f"""
-[device]
-id = "test-0001"
-key = "{key_files['device_key']}"
-
-[oplog]
-port = "{port}"
-
-[seal]
-recipients = ["{key_files['recipient']}"]
-
-[spool]
-dir = "{spool}"
-state = "{path.parent / 'state' / 'state.db'}"
-{extra}
-""")
-    return path

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import ROOT, write_site
 from dualrec.cli import main
 from dualrec.config import ConfigError, load_board, load_site
+from helpers import ROOT, write_site
 
 SIM = ROOT / "boards" / "sim.toml"
 

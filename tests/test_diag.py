@@ -7,9 +7,8 @@ import tty
 
 from click.testing import CliRunner
 
-from conftest import write_site
 from dualrec.cli import main
-from test_e2e import small_board
+from helpers import small_board, write_site
 
 
 def test_diag_passes_on_the_sim_board_and_names_what_fails(tmp_path, key_files):

@@ -17,23 +17,14 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from conftest import ROOT
 from dualrec.config import load_board, load_site
 from dualrec.gateway import Gateway
 from dualrec.segment_format import parse_header
 from dualrec_tools.export import load_identities
 from dualrec_tools.simcounter import Counter
+from helpers import small_board, wait_for
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def small_board(tmp_path: Path, clap_ms: int = 2000) -> Path:
-    text = (ROOT / "boards" / "sim.toml").read_text()
-    text = text.replace("width = 640", "width = 320").replace("height = 360", "height = 180")
-    text = text.replace("clap_period_ms = 7000", f"clap_period_ms = {clap_ms}")
-    board = tmp_path / "board.toml"
-    board.write_text(text)
-    return board
 
 
 def headers(spool: Path) -> list[dict]:
@@ -89,15 +80,6 @@ def test_recorded_sessions_verify_export_and_stay_in_sync(tmp_path):
     plain = subprocess.run(["age", "-d", "-i", str(ident), str(first)],
                            capture_output=True, check=True).stdout
     assert plain == pyrage.decrypt(first.read_bytes(), load_identities(ident))
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kill9_mid_session_then_restart_continues_chain(tmp_path):
@@ -161,10 +143,7 @@ def test_oplog_garbage_is_kept_raw_flagged_bounded_and_recording_goes_on(tmp_pat
     Asserted: the sealed oplog records concatenate to exactly the bytes written, every record
     is at most max_line (+ terminator) bytes, the bad ones are flagged, and the session went on
     to a normal end with video and audio throughout."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import write_site
+    from helpers import write_site
 
     master, slave = os.openpty()
     import tty

@@ -14,7 +14,7 @@ from dualrec.config import load_board, load_site
 from dualrec.gateway import Gateway
 from dualrec.segment_format import parse_header, scan_dir
 from dualrec_tools.simcounter import Counter, receiver_status
-from test_e2e import small_board, wait_for
+from helpers import small_board, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -32,15 +32,28 @@ def test_kill9_during_upload_in_a_loop_loses_nothing(tmp_path, capsys):
     rng = random.Random(20261128)
     try:
         terminal = counter.start_terminal(600, transactions=1, seed=5)
+        log = counter.workdir / "gateway.log"
+
+        def sealed() -> int:
+            return log.read_text().count(" sealed seq ") if log.exists() else 0
+
         for _ in range(8):
+            before = sealed()
             gateway = counter.start_gateway()
-            time.sleep(rng.uniform(2.5, 5.0))
+            # kill while it works: after it has sealed something new, at a random instant
+            wait_for(lambda before=before: sealed() > before, 60, "a sealed segment")
+            time.sleep(rng.uniform(0, 2.0))
             gateway.send_signal(signal.SIGKILL)
             gateway.wait(10)
         gateway = counter.start_gateway()
         time.sleep(3)
         assert counter.stop(gateway) == 0  # orderly: seals what it holds, leaves the rest queued
-        gateway = counter.start_gateway()  # a last run only to drain the queue
+        # A last run only to drain the queue: the counter is closed (no new sessions) and the
+        # branch network is free for the backlog.
+        counter.site.write_text(counter.site.read_text()
+                                .replace('mode = "continuous"', 'mode = "session"')
+                                .replace("bandwidth_bps = 1000000", "bandwidth_bps = 50000000"))
+        gateway = counter.start_gateway()
         assert counter.wait_spool_drained(90), "spool did not drain"
         assert counter.stop(gateway) == 0
         counter.stop(terminal)
@@ -79,7 +92,7 @@ def test_spool_quota_stops_new_sessions_and_resumes(tmp_path, key_files):
     import os
     import tty
 
-    from conftest import write_site
+    from helpers import write_site
 
     master, slave = os.openpty()
     tty.setraw(slave)

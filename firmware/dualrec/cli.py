@@ -68,6 +68,7 @@ def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool
     """Run the gateway until SIGTERM/SIGINT (or --duration)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     from dualrec.gateway import Gateway
 
     try:

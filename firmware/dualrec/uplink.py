@@ -79,8 +79,9 @@ class Uplink:
         self._on_fault = on_fault
         self._receipt_key = load_receipt_key(cfg)
         self._base = cfg.url.rstrip("/") + f"/v1/devices/{device_id}/segments"
-        self._bucket = TokenBucket(cfg.bandwidth_bps)
         self._stop = threading.Event()
+        # Pacing waits on the stop event, so stop() never waits out a capped payload's pause.
+        self._bucket = TokenBucket(cfg.bandwidth_bps, sleep=self._stop.wait)
         self._failing: set[str] = set()
         self._fault_lock = threading.Lock()
         self.stats = UplinkStats()
@@ -118,6 +119,8 @@ class Uplink:
             try:
                 busy = step(client)
             except (UploadError, httpx.HTTPError, OSError) as exc:
+                if self._stop.is_set():
+                    break  # an upload abandoned by stop() is no fault
                 self.stats.failures += 1
                 delay = backoff.next_delay()
                 log.warning("%s: %s; retrying in %.1f s", name, exc, delay)
@@ -169,7 +172,8 @@ class Uplink:
             self.spool.mark_header_delivered(entry)
             self.stats.headers_delivered += 1
         elif r.status_code == 200:  # payload already there (a lost acknowledgement)
-            self.spool.mark_header_delivered(entry)
+            # Only a verified receipt says the receiver holds it (it then completes the entry);
+            # a 200 whose receipt is refused must not mark the header delivered either.
             self._accept_receipt(entry, r.content)
         else:
             raise UploadError(f"seq {entry.seq} header: {_describe(r)}")
@@ -215,6 +219,11 @@ class Uplink:
         with entry.payload_path.open("rb") as f:
             while chunk := f.read(CHUNK):
                 self._bucket.take(len(chunk))
+                if self._stop.is_set():
+                    # Abandon the body rather than hold stop() for the rest of a payload under
+                    # the cap (stop() joins for 5 s, then the gateway closes the spool under
+                    # us). The receiver drops a cut-off body; the next start sends it again.
+                    raise UploadError(f"seq {entry.seq}: payload upload abandoned: stopping")
                 self.stats.bytes_sent += len(chunk)
                 yield chunk
 
