@@ -80,7 +80,8 @@ def test_tamper_cuts_segment_at_once_and_idle_tamper_is_sealed():
     rig.run_until(int(2.5 * S))
     rig.rec.handle(Event(int(2.5 * S), "tamper", {}), rig.t)
     rig.run_until(4 * S)
-    assert rig.out and rig.out[0].end_ns == int(2.5 * S) and rig.out[0].reason == "tamper"
+    assert rig.out and rig.out[0].end_ns == int(2.5 * S) + 1 and rig.out[0].reason == "tamper"
+    assert rig.out[0].events[-1].kind == "tamper"  # on record in the segment it closed
     rig.rec.shutdown(rig.t)
     rig.out.clear()
     rig.rec.handle(Event(rig.t, "tamper", {}), rig.t)

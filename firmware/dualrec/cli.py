@@ -69,15 +69,16 @@ def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    # Handlers first: a stop asked for while the gateway is still importing is honoured.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     from dualrec.gateway import Gateway
 
     try:
         gw = Gateway(load_board(board_path), load_site(site_path))
     except (ConfigError, DeviceError) as exc:
         raise click.ClickException(str(exc)) from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         stats = gw.run(stop, duration)
     except DeviceError as exc:

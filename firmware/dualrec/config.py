@@ -153,6 +153,9 @@ class RecordingSection(_Strict):
 class OpLogSection(_Strict):
     port: str = ""
     baud: Literal[9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600] = 115200
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["none", "even", "odd", "mark", "space"] = "none"
+    stopbits: Literal[1, 1.5, 2] = 1
     encoding: Literal["gb18030", "utf-8"] = "gb18030"
     line_end: Literal["\r\n", "\n", "\r"] = "\r\n"
     max_line: Annotated[int, Field(ge=80, le=65536)] = 4096

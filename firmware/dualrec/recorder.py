@@ -90,7 +90,8 @@ class Recorder:
             elif self.state == "recording" and not self.continuous:
                 self.request_stop(ev.t_mono_ns, "button")
         elif ev.kind in IMMEDIATE and self.state != "idle":
-            self.seg.cut(ev.t_mono_ns, ev.kind)
+            # cut just after the event, so the segment it closes carries it on record
+            self.seg.cut(ev.t_mono_ns + 1, ev.kind)
             if ev.kind == "power_fail":
                 # The hold-up time is short: hand the segment to the sealer now rather than
                 # wait for late samples (an audio block in flight is the price).

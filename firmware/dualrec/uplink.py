@@ -85,6 +85,7 @@ class Uplink:
         self._failing: set[str] = set()
         self._fault_lock = threading.Lock()
         self.stats = UplinkStats()
+        self._header_first: dict[int, int] = {}  # seq -> "send the header first" answers
         timeout = httpx.Timeout(cfg.timeout_s)
         verify = client_ssl_context(cfg)
         self._clients = [
@@ -206,7 +207,13 @@ class Uplink:
             self._accept_receipt(entry, r.content)
             return True
         if r.status_code == 409 and _error(r) == "header_first":
+            # The receiver lost our header (restored from a backup?): announce it again and go
+            # on at once; only a receiver that keeps forgetting it counts as a fault.
             self.spool.mark_header_undelivered(entry)
+            self._header_first[entry.seq] = self._header_first.get(entry.seq, 0) + 1
+            if self._header_first[entry.seq] <= 2:
+                self._put_header(client, entry)
+                return True
         if r.status_code == 422:
             self._check_local(entry)
         raise UploadError(f"seq {entry.seq} payload: {_describe(r)}")

@@ -61,7 +61,8 @@ def build_oplog(board: BoardProfile, site: SiteConfig) -> OpLog | None:
         port = site.oplog.port or board.oplog.port
         if not port:
             raise DeviceError("operation log: no serial port set (site [oplog] port)")
-        return SerialOpLog(port, site.oplog.baud, framer)
+        return SerialOpLog(port, site.oplog.baud, framer, bytesize=site.oplog.bytesize,
+                           parity=site.oplog.parity, stopbits=site.oplog.stopbits)
     if board.oplog.backend == "picotap":
         from dualrec.devices.picotap import PicoTapOpLog
 
