@@ -173,7 +173,8 @@ def test_camera_stream() -> None:
             assert burned_frame_number(y) == i
     assert white_seen == white_expected
     region = (slice(0, 100), slice(0, 300))
-    assert not np.array_equal(luma[0][region], luma[1][region])
+    first, second = sorted(i for i in luma if i not in white_seen)[:2]  # a loaded CI may drop
+    assert not np.array_equal(luma[first][region], luma[second][region])
 
 
 @pytest.mark.timeout(20)

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from av.video.codeccontext import VideoCodecContext
 
-from dualrec.sim.replay_camera import split_access_units
+from dualrec.h264 import split_access_units
 
 _PAN = 64  # the texture is this much larger than the frame, to pan across without wrapping
 

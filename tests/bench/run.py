@@ -55,10 +55,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dualrec.chain import ChainState
 from dualrec.devices.base import AudioFormat, VideoFormat
 from dualrec.durable import fsync_dir, write_durable
+from dualrec.h264 import is_idr
 from dualrec.samples import AudioBlock, Event, LogLine, VideoPacket
 from dualrec.sealer import Sealer
 from dualrec.segment import Segment
-from dualrec.sim.replay_camera import is_idr
 from dualrec.sim.terminal import stamp_line
 from dualrec.timebase import Timebase
 

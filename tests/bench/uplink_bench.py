@@ -49,13 +49,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from dualrec.chain import ChainState
 from dualrec.config import UplinkSection
 from dualrec.devices.base import AudioFormat, VideoFormat
+from dualrec.h264 import is_idr
 from dualrec.ratelimit import TokenBucket
 from dualrec.receipt import ReceiptError, verify_receipt
 from dualrec.samples import AudioBlock, Event, LogLine, VideoPacket
 from dualrec.sealer import Sealer
 from dualrec.segment import Segment
 from dualrec.segment_format import header_hash, parse_header, scan_dir
-from dualrec.sim.replay_camera import is_idr
 from dualrec.sim.terminal import stamp_line
 from dualrec.spool import Spool
 from dualrec.timebase import Timebase

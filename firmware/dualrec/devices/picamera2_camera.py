@@ -52,6 +52,7 @@ from typing import Any
 
 from dualrec.config import CameraProfile
 from dualrec.devices.base import DeviceError, EventSink, VideoFormat, VideoSink
+from dualrec.h264 import NAL_AUD, NAL_IDR, NAL_PPS, NAL_SPS, START_CODE, VCL, nal_units
 from dualrec.samples import Event, VideoPacket
 
 log = logging.getLogger(__name__)
@@ -64,32 +65,6 @@ FIRST_FRAME_GRACE_NS = 3 * NS  # libcamera's start, AGC settling frames and the 
 WATCHDOG_TICK_S = 0.05
 CLOCK_SANITY_NS = 2 * NS  # a first frame further than this from "now" is on another clock
 _SENSOR_NS_KEEP = 128  # request timestamps awaiting their encoded frame (16 in flight at most)
-
-NAL_IDR = 5
-NAL_SEI = 6
-NAL_SPS = 7
-NAL_PPS = 8
-NAL_AUD = 9
-_VCL = frozenset(range(1, 6))
-START_CODE = b"\x00\x00\x00\x01"
-
-
-def _nal_units(data: bytes) -> list[tuple[int, bytes]]:
-    """(type, NAL unit with its start code) for each NAL unit of an Annex B buffer."""
-    starts: list[tuple[int, int]] = []  # (start code offset, header offset)
-    i = data.find(b"\x00\x00\x01")
-    while i >= 0:
-        # a 4-byte start code belongs to the NAL it introduces, not to the previous one's tail
-        starts.append((i - 1 if i > 0 and data[i - 1] == 0 else i, i + 3))
-        i = data.find(b"\x00\x00\x01", i + 3)
-    units = []
-    for k, (sc, hdr) in enumerate(starts):
-        if hdr >= len(data):
-            break
-        end = starts[k + 1][0] if k + 1 < len(starts) else len(data)
-        units.append((data[hdr] & 0x1F, data[sc:end]))
-    return units
-
 
 def _board_model() -> str:
     try:
@@ -383,9 +358,9 @@ class PiCamera:
         if t is None:
             self._fault("encoder gave a frame before any request was seen", key="no-request")
             return
-        nals = _nal_units(data)
+        nals = nal_units(data)
         kinds = {k for k, _ in nals}
-        if not kinds & _VCL:
+        if not kinds & VCL:
             # SPS/PPS with no picture (an IDR the encoder skipped): keep for the next keyframe.
             self._pending_headers = [u for k, u in nals if k in (NAL_SPS, NAL_PPS)]
             return

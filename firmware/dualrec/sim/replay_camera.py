@@ -21,74 +21,11 @@ import time
 from collections.abc import Sequence
 
 from dualrec.devices.base import DeviceError, EventSink, VideoFormat, VideoSink
+from dualrec.h264 import has_parameter_sets, is_idr, split_access_units
 from dualrec.samples import Event, VideoPacket
 
 NS = 1_000_000_000
 STOP_TIMEOUT_S = 1.0
-
-NAL_IDR = 5
-_VCL = frozenset(range(1, 6))  # coded slice NAL unit types
-# Non-VCL types that may only appear before the first slice of an access unit (H.264 7.4.1.2.3):
-# SEI, SPS, PPS, access unit delimiter, and the reserved/prefix types 14..18.
-_AU_PREFIX = frozenset({6, 7, 8, 9, 14, 15, 16, 17, 18})
-
-
-def _nal_starts(data: bytes) -> list[tuple[int, int]]:
-    """(start code offset, NAL header offset) of every NAL unit in an Annex B stream."""
-    out = []
-    i = data.find(b"\x00\x00\x01")
-    while i >= 0:
-        # A 4-byte start code (00 00 00 01) belongs to the NAL it introduces, not to the
-        # trailing bytes of the previous one.
-        sc = i - 1 if i > 0 and data[i - 1] == 0 else i
-        out.append((sc, i + 3))
-        i = data.find(b"\x00\x00\x01", i + 3)
-    return out
-
-
-def split_access_units(stream: bytes) -> list[bytes]:
-    """Split an Annex B H.264 elementary stream into access units, byte-exact.
-
-    A new access unit starts at an SPS/PPS/SEI/AUD that follows a slice, or at a slice whose
-    first_mb_in_slice is 0 (its ue(v) code is the single bit 1) that follows a slice; this is
-    the first-slice detection of H.264 7.4.1.2.4, enough for encoder output with one or many
-    slices per picture.
-    """
-    nals = _nal_starts(stream)
-    if not nals or nals[0][0] != 0:
-        raise ValueError("not an Annex B stream: it does not begin with a start code")
-    units: list[bytes] = []
-    au_start = 0
-    seen_slice = False
-    for sc, hdr in nals:
-        if hdr >= len(stream):
-            break
-        nal_type = stream[hdr] & 0x1F
-        first_slice = nal_type in _VCL and hdr + 1 < len(stream) and stream[hdr + 1] & 0x80
-        if seen_slice and (nal_type in _AU_PREFIX or first_slice):
-            units.append(stream[au_start:sc])
-            au_start = sc
-            seen_slice = False
-        if nal_type in _VCL:
-            seen_slice = True
-    units.append(stream[au_start:])
-    return units
-
-
-def is_idr(access_unit: bytes) -> bool:
-    """Whether the access unit holds an IDR slice (a keyframe that decodes on its own)."""
-    return any(
-        hdr < len(access_unit) and access_unit[hdr] & 0x1F == NAL_IDR
-        for _, hdr in _nal_starts(access_unit)
-    )
-
-
-def _has_parameter_sets(access_unit: bytes) -> bool:
-    types = {
-        access_unit[hdr] & 0x1F for _, hdr in _nal_starts(access_unit) if hdr < len(access_unit)
-    }
-    return {7, 8} <= types
-
 
 class ReplayCamera:
     """Camera protocol implementation replaying pre-encoded access units; see the module doc."""
@@ -104,7 +41,7 @@ class ReplayCamera:
         self.keyframes = [is_idr(u) for u in self.units]
         # The clip loops, so it must start decodable: every loop restarts the decoder's state,
         # which an IDR with its parameter sets does.
-        if not self.keyframes[0] or not _has_parameter_sets(self.units[0]):
+        if not self.keyframes[0] or not has_parameter_sets(self.units[0]):
             raise ValueError("replay camera: the clip must start with SPS, PPS and an IDR")
         self.format = VideoFormat(codec="h264", width=width, height=height, fps=fps)
         self._stop = threading.Event()
