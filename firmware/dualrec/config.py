@@ -59,6 +59,14 @@ class MicrophoneProfile(_Strict):
     channels: Annotated[int, Field(ge=1, le=2)] = 1
     block_frames: Annotated[int, Field(ge=64, le=8192)] = 960
 
+    @model_validator(mode="after")
+    def _short_blocks(self) -> MicrophoneProfile:
+        # a block is delivered after its last sample: longer than 100 ms would arrive after the
+        # segmenter's grace and land in the wrong segment
+        if self.block_frames * 1000 > self.rate * 100:
+            raise ValueError(f"block_frames {self.block_frames} is over 100 ms at {self.rate} Hz")
+        return self
+
 
 class OpLogProfile(_Strict):
     backend: Literal["serial", "picotap", "none"] = "serial"

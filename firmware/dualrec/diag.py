@@ -135,7 +135,8 @@ def check_clock(board: BoardProfile) -> Check:
         except (DeviceError, OSError) as exc:
             return Check("clock", False, str(exc))
     synced, err = sync_state()
-    text = f"source {source}, " + (f"synced, est. error {err / 1e6:.1f} ms" if synced
+    bound = "unknown" if err < 0 else f"{err / 1e6:.1f} ms"
+    text = f"source {source}, " + (f"synced, est. error {bound}" if synced
                                    else "NOT synced: UTC in headers is marked unsynced")
     return Check("clock", synced or board.clock.source == "system", text)
 

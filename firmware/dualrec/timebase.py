@@ -83,6 +83,12 @@ def kernel_sync_state() -> tuple[bool, int]:
     return synced, tx.esterror * 1000 if synced else -1
 
 
+def _ratio(a: int, b: int) -> float:
+    if a < 0 or b < 0:
+        return 1.0 if a == b else float("inf")
+    return max(a, b) / max(min(a, b), 1)
+
+
 class Timebase:
     """Monotonic timeline with UTC anchors and clock-step detection."""
 
@@ -133,8 +139,9 @@ class Timebase:
             old = self.anchors[-1]
             step = (new.utc_ns - new.mono_ns) - (old.utc_ns - old.mono_ns)
             if abs(step) < self.step_threshold_ns:
-                # keep the quality current without growing the anchor list
-                if (new.synced, new.est_error_ns) != (old.synced, old.est_error_ns):
+                # a new anchor only when the quality really changes: synced flips or the error
+                # bound moves by more than a factor of two (the list must not grow every check)
+                if new.synced != old.synced or _ratio(new.est_error_ns, old.est_error_ns) > 2:
                     self.anchors.append(new)
                 return None
             self.anchors.append(new)
