@@ -215,11 +215,13 @@ def test_reconnects_when_the_port_comes_back(
     op.start(col.sink, col.on_event)
     first.write(b"before\r\n")
     assert wait_for(lambda: len(col.lines) == 1, 2)
+    # The link goes first: a closed pty's number is soon reused (another test worker), and a
+    # stale link would let the box reopen someone else's pty.
+    link.unlink()
     first.close()
     assert wait_for(lambda: "fault" in col.kinds(), 2)
     second = Pty()  # the terminal restarts on a new pty; the link follows it
     try:
-        link.unlink()
         link.symlink_to(second.path)
         assert wait_for(lambda: "oplog_reconnected" in col.kinds(), 3)
         (reconnected,) = [e for e in col.events if e.kind == "oplog_reconnected"]
