@@ -22,7 +22,10 @@ from dualrec.segmenter import Segmenter
 IMMEDIATE = {"tamper", "power_fail", "clock_step"}  # cut the segment at once (DESIGN.md, Chain)
 # Panel events: "button" (short press: start/stop), "mark" (long press: a note in the record),
 # "tamper", "power_fail". A mark while recording is kept in the segment's events like any other.
-ON_RECORD_WHEN_IDLE = IMMEDIATE | {"fault", "session_interrupted", "fault_cleared"}
+# While idle these are sealed at once as event-only segments: a fault, or a loss on the log line
+# that may have swallowed a transaction's start line, must be on record even with no session.
+ON_RECORD_WHEN_IDLE = IMMEDIATE | {"fault", "session_interrupted", "fault_cleared", "tap_reset",
+                                   "tap_gap"}
 
 
 class Recorder:
