@@ -40,6 +40,7 @@ FAKES = str(Path(__file__).resolve().parents[1] / "fakes")
 W, H, FPS, GOP, BITRATE = 320, 240, 30, 15, 300_000
 RUN_S = 2.0
 LAG_MAX_NS = 200_000_000
+NS = 1_000_000_000
 MS = 1_000_000
 
 
@@ -232,11 +233,15 @@ def test_no_faults_in_a_normal_run(recording: Recording) -> None:
     assert recording.faults() == []
 
 
-def test_picamera_stamps_are_the_exact_sensor_timestamps(recording: Recording) -> None:
-    if recording.sensor_timestamps is None:
-        pytest.skip("picamera2 backend only")
-    # Exact nanoseconds, not the microseconds picamera2 hands to an Output.
-    assert {p.t_mono_ns for p in recording.packets} <= set(recording.sensor_timestamps)
+def test_stamps_are_the_capture_instants(recording: Recording) -> None:
+    pk = recording.packets
+    if recording.sensor_timestamps is not None:
+        # picamera2: the exact sensor nanoseconds, not the microseconds it hands to an Output
+        assert {p.t_mono_ns for p in pk} <= set(recording.sensor_timestamps)
+    else:
+        # sim and replay: every frame on its exact capture instant of the frame grid
+        t0 = pk[0].t_mono_ns - pk[0].frame_index * NS // FPS
+        assert all(p.t_mono_ns == t0 + p.frame_index * NS // FPS for p in pk)
 
 
 # -- PiCamera on the fake: failure modes -----------------------------------------------------
