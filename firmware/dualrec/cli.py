@@ -83,7 +83,7 @@ def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool
         stats = gw.run(stop, duration)
     except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"sealed {len(stats.sealed)} segments")
+    click.echo(f"sealed {stats.sealed_total} segments")
 
 
 if __name__ == "__main__":

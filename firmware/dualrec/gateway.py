@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,9 @@ def load_device_key(path: Path):  # -> Ed25519PrivateKey
 
 @dataclass
 class Stats:
-    sealed: list[Sealed] = field(default_factory=list)
+    # the most recent seals only: a box runs for months and must not grow without bound
+    sealed: deque[Sealed] = field(default_factory=lambda: deque(maxlen=1000))
+    sealed_total: int = 0
     seal_failures: int = 0
 
 
@@ -121,6 +124,7 @@ class SealWorker:
         self._thread = threading.Thread(target=self._run, name="sealer", daemon=True)
         self._failing = False
         self._stopping = threading.Event()
+        self._stop_deadline: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -145,6 +149,8 @@ class SealWorker:
                         self._report(Event(time.monotonic_ns(), "fault",
                                            {"device": "spool", "reason": str(exc)}))
                     if self._stopping.wait(SEAL_RETRY_S) and self._give_up_on_stop():
+                        log.error("stopping with %d segment(s) unsealed: the disk stayed full",
+                                  1 + self._q.qsize())
                         return
                     continue
                 break
@@ -153,16 +159,17 @@ class SealWorker:
                 self._on_fault(None)
                 self._report(Event(time.monotonic_ns(), "fault_cleared", {"device": "spool"}))
             self._stats.sealed.append(sealed)
+            self._stats.sealed_total += 1
             log.info("sealed seq %d session %s#%d (%s, %d bytes)", sealed.seq, seg.session,
                      seg.index, seg.reason, sealed.header["payload"]["size"])
 
     def _give_up_on_stop(self) -> bool:
         # On shutdown keep trying for a bounded time, then leave: what is in RAM is lost with
         # the process either way, and the fault is already on the LED and in the log.
-        self._stop_deadline = getattr(self, "_stop_deadline", time.monotonic() + 10)
-        return time.monotonic() > self._stop_deadline
+        return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
 
     def stop(self, timeout: float = 30) -> None:
+        self._stop_deadline = time.monotonic() + 10
         self._stopping.set()
         self._q.put(None)
         self._thread.join(timeout)
@@ -237,8 +244,8 @@ class Gateway:
         })
         seg = Segment(session=session, index=next_index, origin_ns=now, start_ns=now,
                       end_ns=now + 1, reason="interrupted", final=True, events=[ev])
-        self.stats.sealed.append(self.sealer.seal(seg))
-        log.warning("closed session %s interrupted by an unclean stop", session)
+        self.sealing.put(seg)  # first in the queue; the worker retries it if the disk is full
+        log.warning("closing session %s, interrupted by an unclean stop", session)
         return session
 
     def run(self, stop: threading.Event, duration_s: float | None = None) -> Stats:

@@ -67,6 +67,12 @@ def build_oplog(board: BoardProfile, site: SiteConfig) -> OpLog | None:
         from dualrec.devices.picotap import PicoTapOpLog
 
         assert board.tap is not None  # the profile validator insists
+        if board.tap.sync_gpio is not None:
+            # The box pulses the tap's sync line: the tap clock is fitted to the pulses
+            # (offset and drift) instead of estimated from USB arrival times.
+            from dualrec.devices.tap_sync import synced_tap_oplog
+
+            return synced_tap_oplog(board.tap, framer)
         return PicoTapOpLog(board.tap, framer)
     return None
 

@@ -16,8 +16,9 @@ On the Pico (sys.platform "rp2") the configuration comes from /tap.json, written
 technician's flashing tool from the board profile's [tap] table: uart_baud, rx_pins, sync_pin,
 wdt_ms. On a PC it comes from DUALREC_TAP_CONFIG (a JSON file with the same keys plus
 uart_paths, usb_path, sync_path) and the environment variables DUALREC_TAP_UART0/1, _USB, _SYNC,
-_BAUD, _STATE (a directory for the boot counter) and _TICKS_OFFSET_US; the paths are
-pseudo-terminals.
+_BAUD, _STATE (a directory for the boot counter), _TICKS_OFFSET_US and _TICKS_PPM (the stand-in's
+clock runs that many parts per million fast, or slow if negative: a crystal's drift, for the box's
+clock fit to find); the paths are pseudo-terminals.
 """
 
 import sys
@@ -51,11 +52,17 @@ else:
     import termios
 
     _OFFSET = int(os.getenv("DUALREC_TAP_TICKS_OFFSET_US") or 0)
+    _PPM = int(os.getenv("DUALREC_TAP_TICKS_PPM") or 0)
     _BOOT = time.ticks_us()
 
     def ticks_us():
         # time.ticks_diff is exact here (the unix period is 2^62), then fold into 2^30.
-        return (time.ticks_diff(time.ticks_us(), _BOOT) + _OFFSET) & _MASK
+        elapsed = time.ticks_diff(time.ticks_us(), _BOOT)
+        # A Pico's crystal is off by some ppm: scaling the elapsed time (integer maths, exact
+        # on the 64-bit port) gives the box a drift it must fit. Unset, it is 0 and costs nothing.
+        if _PPM:
+            elapsed += elapsed * _PPM // 1_000_000
+        return (elapsed + _OFFSET) & _MASK
 
     def ticks_diff(a, b):
         return ((a - b + _HALF) & _MASK) - _HALF
