@@ -32,3 +32,10 @@ def test_parse_refuses_non_canonical_bytes(data):
 def test_roundtrip():
     value = {"seq": 3, "nested": {"z": [1, 2], "a": "é"}}
     assert parse_canonical(canonical_bytes(value)) == value
+
+
+def test_unchecked_fast_path_gives_the_same_bytes():
+    from dualrec.canonical import canonical_bytes_unchecked
+
+    rec = {"t_mono_ns": 12, "raw": "AAE=", "text": "交易 \u0000", "flags": ["nul"]}
+    assert canonical_bytes_unchecked(rec) == canonical_bytes(rec)

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import av
 
-from dualrec.canonical import canonical_bytes
+from dualrec.canonical import canonical_bytes, canonical_bytes_unchecked
 from dualrec.devices.base import AudioFormat, VideoFormat
 from dualrec.samples import AudioBlock, Event, LogLine, VideoPacket
 
@@ -74,7 +74,8 @@ class Segment:
             ("clock.json", canonical_bytes(clock) + b"\n"),
             ("events.jsonl", b"".join(canonical_bytes(event_record(e)) + b"\n"
                                       for e in self.events)),
-            ("oplog.jsonl", b"".join(canonical_bytes(line_record(x)) + b"\n"
+            # line records are built from LogLine's typed fields: no float can be in them
+            ("oplog.jsonl", b"".join(canonical_bytes_unchecked(line_record(x)) + b"\n"
                                      for x in self.lines)),
         ]
         if self.video or self.audio:
