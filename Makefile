@@ -22,7 +22,7 @@ lint: setup
 	$(BIN)/ruff check firmware host_tools tests
 
 test: setup lint
-	$(BIN)/pytest -q -n 2 --durations=10
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=10
 
 bench: setup
 	$(BIN)/python -m tests.bench.run

@@ -24,7 +24,8 @@ from dualrec_tools.export import load_identities
 from dualrec_tools.simcounter import Counter
 from helpers import small_board, wait_for
 
-pytestmark = pytest.mark.timeout(180)
+# Timing-sensitive: the "timing" group runs on one xdist worker, never beside its own kind.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("timing")]
 
 
 def headers(spool: Path) -> list[dict]:

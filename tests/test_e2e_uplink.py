@@ -16,7 +16,7 @@ from dualrec.segment_format import parse_header, scan_dir
 from dualrec_tools.simcounter import Counter, receiver_status
 from helpers import small_board, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("timing")]
 
 
 def test_kill9_during_upload_in_a_loop_loses_nothing(tmp_path, capsys):

@@ -22,6 +22,7 @@ from dualrec_tools.keys import (
     write_branch,
     write_device_key,
 )
+from dualrec_tools.tap import tap
 from dualrec_tools.verify import (
     DeviceKey,
     KeyFileError,
@@ -204,6 +205,11 @@ def sessions(spool: Path) -> None:
     unreadable = [h.path.name for h in headers if h.header is None]
     if unreadable:
         click.echo(f"unreadable headers: {', '.join(unreadable)}", err=True)
+
+
+# --- tap (the Pico serial tap: flash, verify, fetch-deps, monitor; dualrec_tools/tap.py) -------
+
+main.add_command(tap)
 
 
 if __name__ == "__main__":

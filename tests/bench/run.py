@@ -19,10 +19,15 @@ Run as ``python -m tests.bench.run [--seconds 60]``. In order:
    subprocess: backlog drain throughput against curl uploading the same sealed files the same
    way, and the achieved payload rate against the bandwidth cap at two settings.
 
+6. The Pico serial tap (tests.bench.tap_bench): --tap-seconds of a terminal at 921600 baud through
+   the tap firmware on the MicroPython unix port (ptys as its UART and USB) into PicoTapOpLog:
+   bytes sent, received and lost, and the error of the lines' timestamps (p50, p99).
+
 It prints a table and writes the figures to run/bench.json. Nothing is asserted: a benchmark,
 not a test. With --profile, an extra (unmeasured) gateway run under py-spy lists hot spots.
 With --skip-gateway only the clip and part 5 run (quick iteration on the uplink); their figures
 replace the "uplink" entry of an existing run/bench.json and leave the rest of it as it was.
+With --only-tap only part 6 runs, and replaces the "tap" entry the same way.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from dualrec.segment import Segment
 from dualrec.sim.terminal import stamp_line
 from dualrec.timebase import Timebase
 
-from . import uplink_bench
+from . import tap_bench, uplink_bench
 from .clip import encode_clip, looped, noise_pcm
 from .oplog_writer import bodies, log_bytes
 
@@ -455,6 +460,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="keep the bench's files here (default: a temporary directory)")
     ap.add_argument("--profile", action="store_true",
                     help="also run the gateway under py-spy (unmeasured) and list hot spots")
+    ap.add_argument("--only-tap", action="store_true",
+                    help="run only the Pico tap part (6); it replaces the \"tap\" entry")
+    ap.add_argument("--tap-seconds", type=float, default=60.0,
+                    help="length of the tap's 921600-baud stream")
+    ap.add_argument("--tap-sync", action="store_true",
+                    help="the box pulses the tap's sync input: clock fitted to the pulses")
     ap.add_argument("--skip-gateway", action="store_true",
                     help="run only the uplink part (clip, then part 5)")
     ap.add_argument("--uplink-segments", type=int, default=40,
@@ -473,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             not all(8_000 <= c <= 10_000_000_000 for c in args.caps):
         ap.error("--uplink-segments and --uplink-repeats need at least 1, --cap-seconds more "
                  "than 0, --caps values within the config's 8000..10000000000 bit/s")
+    if args.tap_seconds <= 0:
+        ap.error("--tap-seconds must be more than 0")
 
     with tempfile.TemporaryDirectory(prefix="dualrec-bench-") as tmp:
         work = args.workdir or Path(tmp)
@@ -485,6 +498,31 @@ def _uplink(args: argparse.Namespace, work: Path, units: list[bytes]) -> dict[st
         work / "uplink", units, segments=args.uplink_segments,
         segment_mb=args.uplink_segment_mb, repeats=args.uplink_repeats, caps=args.caps,
         cap_seconds=args.cap_seconds)
+
+
+def _tap(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    print(f"tap: {args.tap_seconds:g} s at {tap_bench.BAUD} baud through the tap firmware "
+          "(MicroPython unix port) ...", flush=True)
+    return tap_bench.run_tap_bench(args.tap_seconds, work / "tap", sync=args.tap_sync,
+                                   echo=lambda msg: print(msg, flush=True))
+
+
+def _bench_tap_only(args: argparse.Namespace, work: Path) -> int:
+    info = machine_info()
+    print(f"dualrec bench, Pico tap only: {info['cpu']} x{info['cores']}", flush=True)
+    tap = _tap(args, work)
+    results: dict[str, Any] = {}
+    if args.out.exists():
+        with contextlib.suppress(ValueError):
+            results = json.loads(args.out.read_text())
+    results.setdefault("machine", info)
+    results["tap"] = tap
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    print()
+    print(table(tap_bench.rows(tap)))
+    print(f"\nwritten: {args.out} (tap entry)")
+    return 0
 
 
 def _bench_uplink_only(args: argparse.Namespace, work: Path) -> int:
@@ -510,6 +548,8 @@ def _bench_uplink_only(args: argparse.Namespace, work: Path) -> int:
 
 
 def _bench(args: argparse.Namespace, work: Path) -> int:
+    if args.only_tap:
+        return _bench_tap_only(args, work)
     if args.skip_gateway:
         return _bench_uplink_only(args, work)
     seconds = args.seconds
@@ -562,6 +602,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         profile = _profile(work, keys, clip_path, min(seconds, 30), args.oplog_rate)
 
     uplink = _uplink(args, work, units)
+    tap = _tap(args, work)
 
     ratio_run = gw_run_per_s / base_per_s if base_per_s else None
     ratio_all = gw_all_per_s / base_per_s if base_per_s else None
@@ -587,6 +628,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         "sealing": seal,
         "profile": profile,
         "uplink": uplink,
+        "tap": tap,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
@@ -647,6 +689,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         ("ratio pyrage+durable / age (wall MB/s)",
          f"{results['ratios']['pyrage_durable_vs_age_mb_s']:.2f}"),
         *uplink_bench.rows(uplink),
+        *tap_bench.rows(tap),
     ]
     print()
     print(table(rows))

@@ -515,6 +515,7 @@ def _events_in(spool: Path, identity: Any, header: Path) -> list[tuple[str, int]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("timing")
 @pytest.mark.timeout(120)
 def test_power_fail_seals_the_segment_at_once(tmp_path: Path, key_files: dict[str, Any],
                                               capsys: pytest.CaptureFixture[str]) -> None:
