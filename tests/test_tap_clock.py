@@ -65,9 +65,10 @@ class SyncRig:
         self.uart0, self.usb, self.box = Pty(), Pty(), Pty()
         self.relay = Relay(self.usb, self.box)
         self.drive = PtySyncDrive()
-        # 0.25 s between pulses: the 10 s the fit needs before it uses a drift take 40 pairs.
+        # 0.2 s between pulses (the shortest that cannot pair the wrong edge): TapClock's
+        # window of 120 pairs then spans 24 s, and uses a drift after 10 s.
         self.op = synced_tap_oplog(TapProfile(port=self.box.path), framer(), self.drive,
-                                   period_s=0.25, report_interval_s=2.0)
+                                   period_s=0.2, report_interval_s=2.0)
         self.col = Collector()
         self.binary = binary
         self.tmp_path = tmp_path
@@ -102,14 +103,15 @@ def sync_rig(tmp_path: Path) -> Iterator[SyncRig]:
 
 
 @pytest.mark.xdist_group("timing")  # a drift fit needs the CPU: not beside the e2e runs
-@pytest.mark.timeout(40)
-@pytest.mark.parametrize("ppm", [300, -200])
-def test_box_fits_the_taps_drift_and_maps_its_ticks(sync_rig: SyncRig, ppm: int) -> None:
+@pytest.mark.timeout(60)
+def test_box_fits_the_taps_drift_and_maps_its_ticks(sync_rig: SyncRig) -> None:
+    ppm = 300  # the stand-in's crystal runs fast (a negative value is the same arithmetic)
     rig = sync_rig
     rig.start(ppm)
     assert rig.tap is not None
-    # Terminal traffic while the pairs accumulate: the fit must not be disturbed by it.
-    for i in range(125):
+    # 22 s of pairs, with terminal traffic meanwhile (the fit must not be disturbed by it): the
+    # longer the span, the less the stand-in's scheduling jitter weighs on the slope.
+    for i in range(220):
         rig.uart0.write(f"before the fit {i}\r\n".encode())
         time.sleep(0.1)
     assert wait_for(lambda: any(e.detail["drift_fitted"] for e in fit_events(rig.col)), 5), \
@@ -136,16 +138,17 @@ def test_box_fits_the_taps_drift_and_maps_its_ticks(sync_rig: SyncRig, ppm: int)
     assert abs(errs_ms[len(errs_ms) // 2]) < 3.0, errs_ms
 
     fit = fit_events(rig.col)[-1].detail
-    assert fit["drift_fitted"] and fit["span_ms"] >= 10_000 and fit["pairs"] >= 40, fit
+    assert fit["drift_fitted"] and fit["span_ms"] >= 20_000 and fit["pairs"] >= 100, fit
     # The residuals are on record, and say how well the drift can be known: the standard error
     # of a least-squares slope over n pairs evenly spread over a span is rms / (span √(n/12)).
     assert 0 < fit["residual_rms_ns"] <= fit["residual_max_ns"], fit
     stderr_ppm = fit["residual_rms_ns"] / (fit["span_ms"] * 1e6 * (fit["pairs"] / 12) ** 0.5) * 1e6
-    # The stand-in stamps an edge when its loop gets the CPU: on a quiet machine the error is
-    # a few ppm; under a parallel test run it can be tens. Beyond 30 ppm the run says nothing.
-    assert stderr_ppm < 30, f"too loaded to measure a drift: {fit}"
+    # The stand-in stamps an edge when its loop gets the CPU (no interrupt): about 1 ppm on a
+    # quiet machine, tens beside a parallel test run. The check is as tight as the data allow,
+    # 20 ppm at best; past 50 ppm (4 x 50 is most of the injected 300) a run proves nothing.
+    assert stderr_ppm < 50, f"too loaded to measure a drift: {fit}"
     drift_err_ppm = (fit["drift_ppb"] - expected_drift_ppb(ppm)) / 1000
-    assert abs(drift_err_ppm) < max(25.0, 4 * stderr_ppm), (drift_err_ppm, stderr_ppm, fit)
+    assert abs(drift_err_ppm) < max(20.0, 4 * stderr_ppm), (drift_err_ppm, stderr_ppm, fit)
     # An edge goes unpaired only when its pulse was not recorded (a preempted write).
     assert fit["unmatched"] <= fit["uncertain"] and fit["pulses"] >= fit["pairs"], fit
     # Every edge the box made reached the tap, and each recorded one found its edge.

@@ -85,6 +85,7 @@ class Uplink:
         self._failing: set[str] = set()
         self._fault_lock = threading.Lock()
         self.stats = UplinkStats()
+        self._stats_lock = threading.Lock()
         self._header_first: dict[int, int] = {}  # seq -> "send the header first" answers
         timeout = httpx.Timeout(cfg.timeout_s)
         verify = client_ssl_context(cfg)
@@ -122,7 +123,7 @@ class Uplink:
             except (UploadError, httpx.HTTPError, OSError) as exc:
                 if self._stop.is_set():
                     break  # an upload abandoned by stop() is no fault
-                self.stats.failures += 1
+                self._count(failures=1)
                 delay = backoff.next_delay()
                 log.warning("%s: %s; retrying in %.1f s", name, exc, delay)
                 self._fault(name, str(exc))
@@ -132,6 +133,13 @@ class Uplink:
             self._clear(name)
             if not busy:
                 self._stop.wait(HEADER_POLL_S)
+
+    def _count(self, **add: int) -> None:
+        # both senders count (either may deliver a header or accept a receipt): += from two
+        # threads can lose an update without the lock
+        with self._stats_lock:
+            for name, n in add.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def _fault(self, who: str, reason: str) -> None:
         with self._fault_lock:
@@ -171,7 +179,7 @@ class Uplink:
                        headers={"Content-Type": "application/json"})
         if r.status_code == 202:
             self.spool.mark_header_delivered(entry)
-            self.stats.headers_delivered += 1
+            self._count(headers_delivered=1)
         elif r.status_code == 200:  # payload already there (a lost acknowledgement)
             # Only a verified receipt says the receiver holds it (it then completes the entry);
             # a 200 whose receipt is refused must not mark the header delivered either.
@@ -203,7 +211,7 @@ class Uplink:
                                 "Content-Length": str(size),
                                 "X-Dualrec-Header-SHA256": entry.header_sha256})
         if r.status_code == 200:
-            self.stats.payloads_delivered += 1
+            self._count(payloads_delivered=1)
             self._accept_receipt(entry, r.content)
             return True
         if r.status_code == 409 and _error(r) == "header_first":
@@ -231,7 +239,7 @@ class Uplink:
                     # the cap (stop() joins for 5 s, then the gateway closes the spool under
                     # us). The receiver drops a cut-off body; the next start sends it again.
                     raise UploadError(f"seq {entry.seq}: payload upload abandoned: stopping")
-                self.stats.bytes_sent += len(chunk)
+                self._count(bytes_sent=len(chunk))
                 yield chunk
 
     def _check_local(self, entry: Entry) -> None:
@@ -249,7 +257,7 @@ class Uplink:
         except ReceiptError as exc:
             raise UploadError(f"seq {entry.seq}: receipt refused, segment kept: {exc}") from None
         self.spool.complete(entry, body)
-        self.stats.receipts += 1
+        self._count(receipts=1)
         log.info("seq %d acknowledged by the receiver; removed from the spool", entry.seq)
 
 
