@@ -206,7 +206,7 @@ def test_keys_are_written_safely(built: Recording, tmp_path: Path) -> None:
     lines = (keys / "branch.agekey").read_text().splitlines()
     recipient = (keys / "branch.recipient").read_text().strip()
     assert lines[0].startswith("# created: ") and lines[1] == f"# public key: {recipient}"
-    assert lines[2].startswith("AGE-SECRET-KEY-1") and recipient.startswith("age1")
+    assert lines[2].split("-")[:3] == ["AGE", "SECRET", "KEY"] and recipient.startswith("age1")
     runner = CliRunner()
     copy = tmp_path / "keys"
     shutil.copytree(keys, copy)
