@@ -213,6 +213,7 @@ def _pulses(history: list[tuple[int, bool]], since: int, until: int) -> list[int
     return [round((b - a) / 1e6) for a, b in itertools.pairwise(ts)]
 
 
+@pytest.mark.xdist_group("timing")  # blink periods are measured in real time
 @pytest.mark.parametrize("name", sorted(FAULT_PATTERNS))
 def test_fault_pattern_blinks_as_documented(started: tuple[Rig, Collector], name: str) -> None:
     rig, _ = started
