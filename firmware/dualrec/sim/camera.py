@@ -11,7 +11,6 @@ decoded picture, so tests and sync tools can identify frames in a recording by s
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from fractions import Fraction
@@ -25,7 +24,7 @@ from av.video.frame import PictureType
 
 from dualrec.devices.base import DeviceError, EventSink, VideoFormat, VideoSink
 from dualrec.samples import Event, VideoPacket
-from dualrec.sim.clapper import claps_between
+from dualrec.sim.clapper import claps_between, grid_start
 
 NS = 1_000_000_000
 STOP_TIMEOUT_S = 1.0
@@ -222,8 +221,7 @@ class SimCamera:
         fps = self.format.fps
         # Start on the coarsest grid where t0 + i*NS/fps is an integer for every i, so each
         # frame time is one exact integer and clapper instants (whole ms) hit frames exactly.
-        step = NS // math.gcd(fps, NS)
-        self._t0 = -(-time.monotonic_ns() // step) * step
+        self._t0 = grid_start(fps)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, args=(encoder, sink, events), name="sim-camera", daemon=True

@@ -7,6 +7,9 @@ gateway's sim devices agree on the instants without talking to each other.
 
 from __future__ import annotations
 
+import math
+import time
+
 BEEP_HZ = 1000
 BEEP_MS = 100
 
@@ -24,3 +27,11 @@ def claps_between(start_ns: int, end_ns: int, period_ns: int) -> list[int]:
         out.append(t)
         t += period_ns
     return out
+
+
+def grid_start(rate: int) -> int:
+    """The first CLOCK_MONOTONIC instant on the coarsest grid where t0 + i*1e9/rate is an exact
+    integer for every i: sample and frame times are then exact, and whole-ms clapper instants
+    fall exactly on a frame or sample."""
+    step = 1_000_000_000 // math.gcd(rate, 1_000_000_000)
+    return -(-time.monotonic_ns() // step) * step

@@ -9,7 +9,6 @@ camera, the simulated microphone never drops: if its thread is late it catches u
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 
@@ -18,7 +17,7 @@ import numpy.typing as npt
 
 from dualrec.devices.base import AudioFormat, AudioSink, DeviceError, EventSink
 from dualrec.samples import AudioBlock, Event
-from dualrec.sim.clapper import BEEP_HZ, BEEP_MS, claps_between
+from dualrec.sim.clapper import BEEP_HZ, BEEP_MS, claps_between, grid_start
 
 NS = 1_000_000_000
 STOP_TIMEOUT_S = 1.0
@@ -58,8 +57,7 @@ class SimMicrophone:
         rate = self.format.rate
         # Start on the grid where t0 + n*NS/rate is an integer for every n (125 µs at 48 kHz):
         # sample times are then exact integers and whole-ms clapper instants fall on samples.
-        step = NS // math.gcd(rate, NS)
-        self._t0 = -(-time.monotonic_ns() // step) * step
+        self._t0 = grid_start(rate)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, args=(sink, events), name="sim-microphone", daemon=True

@@ -15,7 +15,6 @@ hardware encoder that never saw the dropped frames: the recording stays decodabl
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 from dualrec.devices.base import DeviceError, EventSink, VideoFormat, VideoSink
 from dualrec.h264 import has_parameter_sets, is_idr, split_access_units
 from dualrec.samples import Event, VideoPacket
+from dualrec.sim.clapper import grid_start
 
 NS = 1_000_000_000
 STOP_TIMEOUT_S = 1.0
@@ -59,8 +59,7 @@ class ReplayCamera:
             raise DeviceError("camera: already started")
         fps = self.format.fps
         # Same grid as SimCamera: every frame time t0 + i*NS/fps is an exact integer.
-        step = NS // math.gcd(fps, NS)
-        self._t0 = -(-time.monotonic_ns() // step) * step
+        self._t0 = grid_start(fps)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, args=(sink, events), name="replay-camera", daemon=True
