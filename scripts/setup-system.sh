@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dualrec needs, only those missing: ffmpeg/ffprobe (interop checks),
 # age (the reference decrypter), PortAudio headers (pyaudio builds against them), ALSA tools,
-# chrony (the tests start each board's chrony fragment in Debian's real chronyd).
+# chrony (the tests start each board's chrony fragment in Debian's real chronyd), systemd
+# (systemd-analyze verifies the service unit).
 set -euo pipefail
-packages=(ffmpeg age portaudio19-dev alsa-utils libasound2-plugins chrony)
+packages=(ffmpeg age portaudio19-dev alsa-utils libasound2-plugins chrony systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -92,18 +92,22 @@ def keys_branch(directory: Path, name: str, hosts: tuple[str, ...], force: bool)
 @click.option("--receiver-url", required=True, help="https://HOST:PORT of the receiver.")
 @click.option("--out", type=DIRECTORY, required=True, help="Where the device's files go.")
 @click.option("--oplog-port", default="", help="The teller terminal's serial port.")
+@click.option("--state-dir", default="/var/lib/dualrec", show_default=True,
+              help="The box's spool and chain state (the service's StateDirectory); an empty "
+                   "value keeps them next to site.toml.")
 @click.option("--enroll-admin", default=None, help="Enroll through the receiver's admin URL.")
 @click.option("--enroll-data", type=DIRECTORY, default=None,
               help="Enroll into a receiver data directory on this machine.")
 @click.option("--force", is_flag=True, help="Replace an existing provisioning.")
 def provision(branch: Path, device_id: str, receiver_url: str, out: Path, oplog_port: str,
-              enroll_admin: str | None, enroll_data: Path | None, force: bool) -> None:
+              state_dir: str, enroll_admin: str | None, enroll_data: Path | None,
+              force: bool) -> None:
     """Create a device's identity and site config, and enroll it at the receiver."""
     from dualrec_tools import provision as prov
 
     try:
         done = prov.provision(branch, device_id, receiver_url, out, oplog_port=oplog_port,
-                              force=force)
+                              state_dir=state_dir, force=force)
     except KeyExists as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError) as exc:

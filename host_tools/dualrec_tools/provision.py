@@ -34,7 +34,10 @@ class Provisioned:
 
 def provision(branch: Path, device_id: str, receiver_url: str, out: Path, *,
               oplog_port: str = "", bandwidth_bps: int | None = None, site_extra: str = "",
-              force: bool = False) -> Provisioned:
+              state_dir: str = "", force: bool = False) -> Provisioned:
+    """Write the device's files into `out`. `state_dir` is where the box keeps its spool and
+    chain state (on a box: /var/lib/dualrec, the service's StateDirectory); empty: next to
+    site.toml, relative to it (the simulator and tests)."""
     refuse_existing([out / n for n in ("device.key", "tls.key", "site.toml")], force)
     ca_key, ca_cert = load_ca(branch)
     recipient = (branch / "branch.recipient").read_text().strip()
@@ -45,6 +48,7 @@ def provision(branch: Path, device_id: str, receiver_url: str, out: Path, *,
     write_file(out / "ca.crt", (branch / "ca.crt").read_bytes(), PUBLIC_MODE)
     write_file(out / "receipt.pub", (branch / "receipt.pub").read_bytes(), PUBLIC_MODE)
     bandwidth = f"bandwidth_bps = {bandwidth_bps}\n" if bandwidth_bps else ""
+    root = state_dir.rstrip("/") + "/" if state_dir else ""
     site = out / "site.toml"
     write_file(site, f"""# written by dualrec-tool provision
 [device]
@@ -58,8 +62,8 @@ port = "{oplog_port}"
 recipients = ["{recipient}"]
 
 [spool]
-dir = "spool"
-state = "state/state.db"
+dir = "{root}spool"
+state = "{root}state/state.db"
 
 [uplink]
 url = "{receiver_url}"
