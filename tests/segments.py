@@ -48,9 +48,14 @@ def audio_blocks(seconds: int, t0: int, block: int = 480) -> list[AudioBlock]:
     return out
 
 
-def make_segment(session: str = "S1", index: int = 0, t0: int = 10**12, seconds: int = 2,
+S1 = "20250301T090000Z-000001"  # session ids and a boot id of the form FORMAT.md §3 asks
+BOOT_A = "00000000-0000-4000-8000-00000000000a"
+
+
+def make_segment(session: str = S1, index: int = 0, t0: int = 10**12, seconds: int = 2,
                  final: bool = False) -> Segment:
-    seg = Segment(session, index, t0, t0, end_ns=t0 + seconds * 10**9, reason="duration",
+    seg = Segment(session, index, t0, t0, end_ns=t0 + seconds * 10**9,
+                  reason="session_end" if final else "duration",
                   final=final, video_format=VF, audio_format=AF)
     seg.video = encode_frames(seconds * VF.fps, t0)
     seg.audio = audio_blocks(seconds, t0)

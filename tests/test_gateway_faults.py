@@ -10,7 +10,7 @@ from dualrec.gateway import SealWorker, Stats
 from dualrec.sealer import Sealer
 from dualrec.segment_format import scan_dir
 from dualrec.timebase import Timebase
-from segments import make_segment
+from segments import BOOT_A, make_segment
 
 
 def test_full_disk_fault_then_recovery(tmp_path, small_tmpfs, device_key, age_identity):
@@ -23,7 +23,7 @@ def test_full_disk_fault_then_recovery(tmp_path, small_tmpfs, device_key, age_id
     sealer = Sealer(device_id="test-0001", key=device_key,
                     recipients=[str(age_identity.to_public())], spool_dir=small_tmpfs / "spool",
                     chain=ChainState(tmp_path / "state.db"), timebase=Timebase(),
-                    boot_id="b")
+                    boot_id=BOOT_A)
     events, leds, stats = [], [], Stats()
     worker = SealWorker(sealer, events.append, leds.append, stats)
     worker.start()

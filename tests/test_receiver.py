@@ -33,7 +33,7 @@ from dualrec_tools.receiver.cli import main as cli_main
 from dualrec_tools.receiver.server import ReceiverConfig, ReceiverThread
 from dualrec_tools.receiver.store import ReceiverStore
 from dualrec_tools.verify import device_pub_pem
-from segments import make_segment
+from segments import BOOT_A, make_segment
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV, DEV2 = "test-0001", "test-0002"
@@ -67,7 +67,7 @@ class World:
 def _seal(base: Path, device: str, key: Ed25519PrivateKey, n: int, session: str) -> list[Seg]:
     recipient = str(pyrage.x25519.Identity.generate().to_public())
     sealer = Sealer(device_id=device, key=key, recipients=[recipient], spool_dir=base / "spool",
-                    chain=ChainState(base / "state.db"), timebase=Timebase(), boot_id="boot-a")
+                    chain=ChainState(base / "state.db"), timebase=Timebase(), boot_id=BOOT_A)
     out = []
     for i in range(n):
         sealed = sealer.seal(make_segment(session, i, t0=10**12 + i * 10**9, seconds=1,
@@ -100,10 +100,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         clients[name] = (base / f"{name}.crt", base / f"{name}.key")
     signing = {DEV: Ed25519PrivateKey.generate(), DEV2: Ed25519PrivateKey.generate()}
     return World(keys, clients, keys / "ca.crt", receipt_key, signing,
-                 a=_seal(base / "a", DEV, signing[DEV], 4, "SA"),
-                 b=_seal(base / "b", DEV, signing[DEV], 2, "SB"),
-                 x=_seal(base / "x", DEV, Ed25519PrivateKey.generate(), 1, "SX"),
-                 d2=_seal(base / "d2", DEV2, signing[DEV2], 1, "SD"))
+                 a=_seal(base / "a", DEV, signing[DEV], 4, "20250301T090000Z-00000a"),
+                 b=_seal(base / "b", DEV, signing[DEV], 2, "20250301T090000Z-00000b"),
+                 x=_seal(base / "x", DEV, Ed25519PrivateKey.generate(), 1,
+                         "20250301T090000Z-00000c"),
+                 d2=_seal(base / "d2", DEV2, signing[DEV2], 1, "20250301T090000Z-00000d"))
 
 
 def _enroll(store: ReceiverStore, world: World, device: str) -> None:

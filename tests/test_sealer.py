@@ -24,13 +24,13 @@ from dualrec.segment_format import (
     verify_signature,
 )
 from dualrec.timebase import Timebase
-from segments import make_segment
+from segments import BOOT_A, make_segment
 
 
 def make_sealer(spool: Path, state: Path, device_key, age_identity) -> Sealer:
     return Sealer(device_id="test-0001", key=device_key,
                   recipients=[str(age_identity.to_public())], spool_dir=spool,
-                  chain=ChainState(state), timebase=Timebase(), boot_id="boot-a")
+                  chain=ChainState(state), timebase=Timebase(), boot_id=BOOT_A)
 
 
 def test_seal_links_chain_and_decrypts(tmp_path, device_key, age_identity):

@@ -56,7 +56,7 @@ from dualrec_tools.receiver.server import load_receipt_key as load_receipt_signi
 from dualrec_tools.receiver.store import ReceiverStore
 from dualrec_tools.verify import load_device_key, verify_dir
 from faultnet import FaultProxy
-from segments import make_segment
+from segments import BOOT_A, S1, make_segment
 
 DEV = "box-0001"
 # Seconds of each sealed segment: about 100 KiB a second, so 200 to 400 KiB payloads.
@@ -101,12 +101,12 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     chain = ChainState(site.spool.state)
     sealer = Sealer(device_id=DEV, key=key, recipients=site.seal.recipients,
                     spool_dir=site.spool.dir, chain=chain, timebase=Timebase(),
-                    boot_id="boot-a")
+                    boot_id=BOOT_A)
     sealed = []
     t0 = 10**12
     try:
         for i, s in enumerate(SECONDS):
-            seg = sealer.seal(make_segment("S1", i, t0=t0, seconds=s, final=i == N - 1))
+            seg = sealer.seal(make_segment(S1, i, t0=t0, seconds=s, final=i == N - 1))
             t0 += s * 10**9
             header = seg.header_path.read_bytes()
             sealed.append(SealedSeg(seg.seq, header, header_hash(header),

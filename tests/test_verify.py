@@ -35,13 +35,14 @@ from dualrec.sim.clapper import BEEP_HZ, BEEP_MS
 from dualrec.timebase import Timebase
 from dualrec_tools.cli import main
 from dualrec_tools.verify import load_device_key, verify_dir
-from segments import AF, VF, encode_frames
+from segments import AF, BOOT_A, VF, encode_frames
 
 NS = 1_000_000_000
 MS = 1_000_000
 DEVICE = "box-0001"
 ORIGIN_A = 1_000 * NS  # CLOCK_MONOTONIC of session A's media time zero
 ORIGIN_B = ORIGIN_A + 20 * NS
+SID_S, SID_T = "20250301T090100Z-00000e", "20250301T090200Z-00000f"
 SEG_NS = 2 * NS
 CLAPS_A = (500 * MS, 2_700 * MS, 4_300 * MS)  # on the 10 fps frame grid, one per segment
 LINE_TEXTS = ("交易开始 TXN=1", "身份证 110101199003074578", "卡号 6222020200112233445",
@@ -124,7 +125,7 @@ def make_keys(keys: Path) -> Ed25519PrivateKey:
 def make_sealer(spool: Path, state: Path, keys: Path, key: Ed25519PrivateKey) -> Sealer:
     recipient = (keys / "branch.recipient").read_text().strip()
     return Sealer(device_id=DEVICE, key=key, recipients=[recipient], spool_dir=spool,
-                  chain=ChainState(state), timebase=Timebase(), boot_id="boot-1")
+                  chain=ChainState(state), timebase=Timebase(), boot_id=BOOT_A)
 
 
 def build_recording(base: Path) -> Recording:
@@ -328,7 +329,7 @@ def test_header_signed_by_another_key(rec: Recording, tmp_path: Path) -> None:
 
 def test_forked_seq(rec: Recording) -> None:
     """Two different headers validly signed for seq 2 (a box restored from a backup, say)."""
-    hdr(rec, 5).write_bytes(resign(rec, 2, rec.device_key, reason="tamper"))
+    hdr(rec, 5).write_bytes(resign(rec, 2, rec.device_key, firmware="9.9.9"))
     shutil.copy(pay(rec, 2), pay(rec, 5))
     code, out = run_verify(rec)
     assert code == 1
@@ -343,9 +344,10 @@ def test_reordered_times(tmp_path: Path, built: Recording) -> None:
     sealer = make_sealer(tmp_path / "spool", tmp_path / "state.db", built.keys, built.device_key)
     t = ORIGIN_A
     for index, start in ((0, t + 5 * NS), (1, t)):
-        sealer.seal(Segment("S", index, t, start, end_ns=start + NS, reason="duration",
+        sealer.seal(Segment(SID_S, index, t, start, end_ns=start + NS,
+                            reason="session_end" if index == 1 else "duration",
                             final=index == 1, events=[Event(start, "button")]))
-    spool_rec = Recording(tmp_path / "spool", built.keys, built.device_key, "S", "", t, ())
+    spool_rec = Recording(tmp_path / "spool", built.keys, built.device_key, SID_S, "", t, ())
     assert problems(spool_rec) == ["seq 1: starts before seq 0 ends (reordered)"]
 
 
@@ -366,15 +368,17 @@ def test_session_cut_off(tmp_path: Path, built: Recording) -> None:
     """A session that never got its final segment, while the chain went on."""
     sealer = make_sealer(tmp_path / "spool", tmp_path / "state.db", built.keys, built.device_key)
     t = ORIGIN_A
-    for session, final in (("S", False), ("T", True)):
-        sealer.seal(Segment(session, 0, t, t, end_ns=t + NS, reason="duration", final=final,
+    for session, final in ((SID_S, False), (SID_T, True)):
+        sealer.seal(Segment(session, 0, t, t, end_ns=t + NS,
+                            reason="session_end" if final else "duration", final=final,
                             events=[Event(t, "session_start")]))
         t += 2 * NS
-    spool_rec = Recording(tmp_path / "spool", built.keys, built.device_key, "S", "T", t, ())
+    spool_rec = Recording(tmp_path / "spool", built.keys, built.device_key, SID_S, SID_T, t, ())
     assert problems(spool_rec) == [
-        "session S: no final segment, yet later segments follow seq 0 (cut off)"]
+        f"session {SID_S}: no final segment, yet later segments follow seq 0 (cut off)"]
     report = verify_dir(spool_rec.spool, [load_device_key(built.pub)])
-    assert [(s.session, s.status) for s in report.sessions] == [("S", "open"), ("T", "complete")]
+    assert [(s.session, s.status) for s in report.sessions] == [(SID_S, "open"),
+                                                                (SID_T, "complete")]
 
 
 def test_chain_must_start_at_genesis(rec: Recording) -> None:

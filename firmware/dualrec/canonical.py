@@ -39,8 +39,11 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 
 
 def canonical_bytes(value: Any) -> bytes:
-    _check(value, "$")
-    return _ENCODER.encode(value).encode()
+    try:
+        _check(value, "$")
+        return _ENCODER.encode(value).encode()
+    except RecursionError:
+        raise CanonicalError("value is nested too deeply") from None
 
 
 def canonical_bytes_unchecked(value: Any) -> bytes:
@@ -75,6 +78,10 @@ def parse_canonical(data: bytes) -> Any:
         raise CanonicalError(f"not UTF-8: {exc}") from None
     except json.JSONDecodeError as exc:
         raise CanonicalError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise CanonicalError("JSON is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer over Python's digit limit
+        raise CanonicalError(f"not acceptable JSON: {str(exc)[:120]}") from None
     if canonical_bytes(value) != data:
         raise CanonicalError("JSON is valid but not in canonical form")
     return value

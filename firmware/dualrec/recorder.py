@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from dualrec.samples import Event, LogLine, Sample, VideoPacket
+from dualrec.schema import IDLE_REASONS
 from dualrec.segment import Segment
 from dualrec.segmenter import Segmenter
 
@@ -44,6 +45,10 @@ class Recorder:
         continuous: bool = False,
     ) -> None:
         self.seg = segmenter
+        segmenter.set_spill(self._outside_session)
+        # Events and log lines stamped outside the session being cut (after its final cut);
+        # on-record events among them are sealed once the recorder is idle.
+        self._outside: deque[Sample] = deque(maxlen=10_000)
         self._emit = emit
         self._to_utc = to_utc_ns
         self._on_recording = on_recording
@@ -143,8 +148,17 @@ class Recorder:
         self.stop_at = t_ns + self.postroll_ns
         self._stop_trigger = trigger
 
+    def _outside_session(self, sample: Sample) -> None:
+        self._outside.append(sample)
+
     def tick(self, now_ns: int) -> None:
         self.seg.tick(now_ns)  # also when idle: a final segment may still be in its grace
+        if self.state == "idle" and self._outside:
+            events = [s for s in self._outside
+                      if isinstance(s, Event) and s.kind in ON_RECORD_WHEN_IDLE]
+            self._outside.clear()
+            for ev in events:
+                self._seal_events_only([ev], ev.kind)
         if self.state == "idle":
             if self.continuous and not self.inhibited:
                 self.start(now_ns, "continuous")
@@ -155,6 +169,7 @@ class Recorder:
             self._finish(self.stop_at, self._stop_trigger)
 
     def _finish(self, at_ns: int, trigger: str) -> None:
+        at_ns = self.seg.earliest_cut(at_ns)
         self.seg.add(Event(at_ns - 1, "session_stop", {"trigger": trigger}))
         self.seg.cut(at_ns, "session_end", final=True)
         self.state, self.stop_at, self.session = "idle", None, None
@@ -170,5 +185,6 @@ class Recorder:
         self.seg.flush()  # a final segment still in its grace goes first: seqs follow time
         t = events[0].t_mono_ns
         seg = Segment(session="", index=0, origin_ns=t, start_ns=t, end_ns=t + 1,
-                      reason=reason, final=True, events=list(events))
+                      reason=reason if reason in IDLE_REASONS else "event", final=True,
+                      events=list(events))
         self._emit(seg)

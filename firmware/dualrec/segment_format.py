@@ -15,37 +15,21 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dualrec.canonical import CanonicalError, canonical_bytes, parse_canonical
+from dualrec.schema import FORMAT_VERSION, SchemaError, canonical_b64decode, check_header
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION"]
+
 GENESIS_PREV = "0" * 64
 HEADER_SUFFIX = ".hdr.json"
 PAYLOAD_SUFFIX = ".payload.age"
-_NAME = re.compile(r"^(\d{10})\.(hdr\.json|payload\.age)$")
+# ASCII digits only and no trailing newline: Python's \d and $ would accept both (FORMAT.md §1).
+_NAME = re.compile(r"([0-9]{10})\.(hdr\.json|payload\.age)")
+_TMP_NAME = re.compile(r"\.([0-9]{10})\.(hdr\.json|payload\.age)\.tmp")
 
 AGE_CHUNK = 64 * 1024
 AGE_TAG = 16
 AGE_NONCE = 16
 AGE_MAGIC = b"age-encryption.org/v1\n"
-
-# Header keys and their types; anything else in a header is refused.
-HEADER_KEYS: dict[str, type | tuple[type, ...]] = {
-    "format": int,
-    "device": str,
-    "boot_id": str,
-    "firmware": str,
-    "seq": int,
-    "session": str,
-    "session_index": int,
-    "final": bool,
-    "reason": str,
-    "start": dict,
-    "end": dict,
-    "clock": dict,
-    "streams": dict,
-    "payload": dict,
-    "prev": str,
-    "sig": str,
-}
 
 
 class FormatError(ValueError):
@@ -62,10 +46,15 @@ def payload_name(seq: int) -> str:
 
 def parse_name(name: str) -> tuple[int, str] | None:
     """(seq, "header" | "payload") for a segment file name, None for anything else."""
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name)
     if not m:
         return None
     return int(m.group(1)), "header" if m.group(2) == "hdr.json" else "payload"
+
+
+def is_temp_name(name: str) -> bool:
+    """A segment file being written (`.NAME.tmp`, renamed to NAME when durable)."""
+    return _TMP_NAME.fullmatch(name) is not None
 
 
 def header_hash(header_bytes: bytes) -> str:
@@ -78,44 +67,39 @@ def signed_part(header: dict[str, Any]) -> bytes:
 
 
 def sign_header(fields: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
-    """Return the canonical bytes of fields plus their Ed25519 signature."""
+    """Return the canonical bytes of fields plus their Ed25519 signature. The fields are checked
+    against the schema first: the box never signs a header the format does not allow."""
     if "sig" in fields:
         raise FormatError("fields to sign already carry a signature")
-    sig = key.sign(canonical_bytes(fields))
+    try:
+        check_header(fields, signed=False)
+        data = canonical_bytes(fields)
+    except (SchemaError, CanonicalError) as exc:
+        raise FormatError(f"refusing to sign an invalid header: {exc}") from None
+    sig = key.sign(data)
     return canonical_bytes({**fields, "sig": base64.b64encode(sig).decode()})
 
 
 def parse_header(data: bytes) -> dict[str, Any]:
-    """Parse and type-check a header's bytes (the signature is checked by verify_signature)."""
+    """Parse and check a header's bytes against the schema (the signature is checked by
+    verify_signature). Raises FormatError for anything else, never another exception."""
     try:
         header = parse_canonical(data)
     except CanonicalError as exc:
         raise FormatError(f"header is not canonical JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise FormatError("header is not a JSON object")
-    missing = HEADER_KEYS.keys() - header.keys()
-    extra = header.keys() - HEADER_KEYS.keys()
-    if missing:
-        raise FormatError(f"header lacks {sorted(missing)}")
-    if extra:
-        raise FormatError(f"header has unknown keys {sorted(extra)}")
-    for key, kind in HEADER_KEYS.items():
-        value = header[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise FormatError(f"header field {key!r} has the wrong type")
-    if header["format"] != FORMAT_VERSION:
-        raise FormatError(f"format version {header['format']} is not supported")
-    payload = header["payload"]
-    if not isinstance(payload.get("size"), int) or not isinstance(payload.get("sha256"), str):
-        raise FormatError("header field 'payload' needs integer size and sha256")
+    try:
+        check_header(header)
+    except SchemaError as exc:
+        raise FormatError(str(exc)) from None
     return header
 
 
 def verify_signature(header: dict[str, Any], key: Ed25519PublicKey) -> bool:
+    """Does header (as parse_header returned it) carry key's signature over its other fields?"""
     try:
-        sig = base64.b64decode(header["sig"], validate=True)
+        sig = canonical_b64decode(header["sig"], "sig")
         key.verify(sig, signed_part(header))
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, KeyError, TypeError):
         return False
     return True
 

@@ -43,11 +43,16 @@ class Segmenter:
         audio_format: AudioFormat | None,
         emit: Callable[[Segment], None],
         grace_ns: int = GRACE_NS,
+        spill: Callable[[Sample], None] | None = None,
     ) -> None:
         self.segment_ns = segment_ns
         self.video_format = video_format
         self.audio_format = audio_format
         self._emit = emit
+        # Log lines and events outside every open segment's [start, end) (before the session's
+        # origin, or after its final cut) go back to the recorder: they are not this session's.
+        self._spill = spill or (lambda sample: None)
+        self.dropped_media = 0  # video packets and audio blocks outside the session, not filed
         self.grace_ns = grace_ns
         self.cur: Segment | None = None
         self.nxt: Segment | None = None
@@ -55,6 +60,9 @@ class Segmenter:
         self._cut_reason = ""
         self._final = False
         self._last_frame: int | None = None
+
+    def set_spill(self, spill: Callable[[Sample], None]) -> None:
+        self._spill = spill
 
     @property
     def active(self) -> bool:
@@ -70,8 +78,13 @@ class Segmenter:
                        video_format=self.video_format, audio_format=self.audio_format)
 
     def add(self, sample: Sample) -> None:
+        """File a sample in the segment whose [start, end) holds its t_mono_ns."""
         if self.cur is None:
             raise RuntimeError("no open session")
+        if sample.t_mono_ns < self.cur.start_ns:
+            sample = self._before_start(sample)
+            if sample is None:
+                return
         if isinstance(sample, AudioBlock) and self.cut_at is not None and self.audio_format:
             head, tail = split_audio(sample, self.cut_at, self.audio_format.rate,
                                      self.audio_format.channels)
@@ -79,9 +92,12 @@ class Segmenter:
                 self.cur.audio.append(head)
             if tail and self.nxt:
                 self.nxt.audio.append(tail)
+            elif tail:
+                self.dropped_media += 1
             return
         seg = self.cur if self.cut_at is None or sample.t_mono_ns < self.cut_at else self.nxt
-        if seg is None:  # after the session's final cut: not ours
+        if seg is None:  # after the session's final cut: not this session's
+            self._outside(sample)
             return
         if isinstance(sample, VideoPacket):
             if self._last_frame is not None and sample.frame_index > self._last_frame + 1:
@@ -99,6 +115,25 @@ class Segmenter:
         elif isinstance(sample, Event):
             seg.events.append(sample)
 
+    def _before_start(self, sample: Sample) -> Sample | None:
+        """A sample stamped before the open segment's start (a late delivery): the part of an
+        audio block from the start on is kept; anything else is not this segment's."""
+        assert self.cur is not None
+        if isinstance(sample, AudioBlock) and self.audio_format:
+            _, tail = split_audio(sample, self.cur.start_ns, self.audio_format.rate,
+                                  self.audio_format.channels)
+            if tail is None:
+                self.dropped_media += 1
+            return tail
+        self._outside(sample)
+        return None
+
+    def _outside(self, sample: Sample) -> None:
+        if isinstance(sample, VideoPacket | AudioBlock):
+            self.dropped_media += 1
+        else:
+            self._spill(sample)
+
     def _choose_cut(self, at_ns: int, reason: str, final: bool = False) -> None:
         assert self.cur is not None
         self.cut_at = at_ns
@@ -107,13 +142,17 @@ class Segmenter:
         self.cur.end_ns = at_ns
         self.nxt = None if final else self._new(self.cur.session, self.cur.index + 1,
                                                   self.cur.origin_ns, at_ns)
-        # samples already filed past the cut move to the next segment
-        if self.nxt is not None:
-            for name in ("video", "lines", "events"):
-                kept = [s for s in getattr(self.cur, name) if s.t_mono_ns < at_ns]
-                moved = [s for s in getattr(self.cur, name) if s.t_mono_ns >= at_ns]
-                setattr(self.cur, name, kept)
+        # samples already filed past the cut move to the next segment, or out of a session
+        # that ends here: a segment holds exactly the samples of [start, end)
+        for name in ("video", "lines", "events"):
+            kept = [s for s in getattr(self.cur, name) if s.t_mono_ns < at_ns]
+            moved = [s for s in getattr(self.cur, name) if s.t_mono_ns >= at_ns]
+            setattr(self.cur, name, kept)
+            if self.nxt is not None:
                 getattr(self.nxt, name).extend(moved)
+            else:
+                for sample in moved:
+                    self._outside(sample)
         audio = []
         for block in self.cur.audio:
             if self.audio_format:
@@ -125,6 +164,8 @@ class Segmenter:
                 audio.append(head)
             if tail and self.nxt is not None:
                 self.nxt.audio.append(tail)
+            elif tail:
+                self.dropped_media += 1
         self.cur.audio = audio
 
     def tick(self, now_ns: int) -> None:
@@ -154,8 +195,13 @@ class Segmenter:
             self._finish()
             if self.cur is None:
                 return
-        at_ns = max(at_ns, self.cur.start_ns)
-        self._choose_cut(at_ns, reason, final)
+        self._choose_cut(self.earliest_cut(at_ns), reason, final)
+
+    def earliest_cut(self, at_ns: int) -> int:
+        """at_ns, or the first instant the next cut may be at: a segment is never empty
+        (end > start). A cut still in its grace is finished first, so its next segment counts."""
+        seg = self.nxt if self.cut_at is not None and self.nxt is not None else self.cur
+        return at_ns if seg is None else max(at_ns, seg.start_ns + 1)
 
     def flush(self) -> None:
         """Hand on everything now (shutdown)."""

@@ -304,7 +304,7 @@ def run_baseline(work: Path, recipient: str, seconds: int, repeats: int) -> dict
 def bench_segment(units: list[bytes], seconds: int, oplog_rate: float) -> Segment:
     """A real segment: `seconds` of the looped clip, PCM in SimMicrophone blocks, log lines."""
     vf = VideoFormat("h264", WIDTH, HEIGHT, FPS)
-    seg = Segment("bench", 0, 0, 0, seconds * NS, reason="duration",
+    seg = Segment("20250301T090000Z-be0002", 0, 0, 0, seconds * NS, reason="duration",
                   video_format=vf, audio_format=AudioFormat(RATE, 1))
     for i, unit in enumerate(looped(units, seconds * FPS)):
         seg.video.append(VideoPacket(i * NS // FPS, unit, is_idr(unit), i))
@@ -344,7 +344,8 @@ def bench_sealing(work: Path, keys: Keys, units: list[bytes], segments: int,
     spool = work / "seal" / "spool"
     chain = ChainState(work / "seal" / "state" / "state.db")
     sealer = Sealer(device_id="bench-0001", key=keys.device, recipients=[keys.recipient],
-                    spool_dir=spool, chain=chain, timebase=timebase, boot_id="bench")
+                    spool_dir=spool, chain=chain, timebase=timebase,
+                    boot_id="00000000-0000-4000-8000-0000000000be")
     c0, t0 = _self_cpu(), time.monotonic()
     for i in range(segments):
         seg.index = i

@@ -143,7 +143,7 @@ def make_segment(units: list[bytes], frames: int, first: int = 0) -> Segment:
     """A real segment: `frames` frames of the looped clip from frame `first`, PCM in
     SimMicrophone blocks and log lines (the gateway part's bench_segment, of any length)."""
     duration_ns = frames * NS // FPS
-    seg = Segment("bench-uplink", 0, 0, 0, duration_ns, reason="duration",
+    seg = Segment("20250301T090000Z-be0001", 0, 0, 0, duration_ns, reason="duration",
                   video_format=VideoFormat("h264", WIDTH, HEIGHT, FPS),
                   audio_format=AudioFormat(RATE, 1))
     for i in range(frames):
@@ -197,7 +197,8 @@ def seal_set(setup: Setup, directory: Path, seg: Segment, count: int) -> list[Se
     spool = directory / "spool"
     chain = ChainState(directory / "state" / "chain.db")
     sealer = Sealer(device_id=DEVICE, key=setup.signing_key, recipients=[setup.recipient],
-                    spool_dir=spool, chain=chain, timebase=Timebase(), boot_id="bench-uplink")
+                    spool_dir=spool, chain=chain, timebase=Timebase(),
+                    boot_id="00000000-0000-4000-8000-0000000000be")
     try:
         for i in range(count):
             seg.index = i
