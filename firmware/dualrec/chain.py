@@ -63,7 +63,10 @@ class ChainState:
                 )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite may already have rolled back (a COMMIT failing on a full disk does): a
+            # second ROLLBACK would raise and hide the real error.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
 
     def reconcile(self, spool_dir: Path) -> list[int]:

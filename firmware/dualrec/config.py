@@ -207,6 +207,10 @@ class SpoolSection(_Strict):
     # filesystem has less than min_free_mb free; they resume below 90 % of either limit.
     quota_mb: Annotated[int, Field(ge=1, le=10_000_000)] = 8192
     min_free_mb: Annotated[int, Field(ge=0, le=1_000_000)] = 256
+    # While sealing fails (disk full, read-only, I/O errors) recording goes on in memory up to
+    # this much unsealed media; beyond it the oldest unsealed media are dropped, on record as a
+    # gap. 64 MiB suits a Pi Zero 2 W (512 MB RAM): about 3 minutes of 1080p30 with audio.
+    unsealed_max_mb: Annotated[int, Field(ge=1, le=65_536)] = 64
 
 
 class UplinkSection(_Strict):

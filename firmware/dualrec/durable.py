@@ -4,6 +4,7 @@ the final name, and the temporary file is removed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def write_durable(path: Path, data: bytes, *, expected_size: int | None = None) 
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        # On a filesystem gone read-only the cleanup fails too; the write's error is the one
+        # to report (recover() removes stray temp files at the next start).
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, WriteError):
             raise
         raise WriteError(exc.errno, f"writing {path}: {exc.strerror or exc}") from exc

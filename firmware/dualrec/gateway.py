@@ -12,9 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -25,7 +23,8 @@ from dualrec.devices.base import DeviceError
 from dualrec.devices.factory import Devices, build_devices
 from dualrec.recorder import Recorder
 from dualrec.samples import Event, Sample
-from dualrec.sealer import Sealed, Sealer, SealError
+from dualrec.seal_worker import SealWorker, Stats
+from dualrec.sealer import Sealer
 from dualrec.segment import Segment
 from dualrec.segmenter import Segmenter
 from dualrec.spool import Spool
@@ -33,7 +32,6 @@ from dualrec.timebase import ClockWatcher, Timebase
 
 log = logging.getLogger("dualrec.gateway")
 
-SEAL_RETRY_S = 1.0
 QUOTA_CHECK_NS = 1_000_000_000
 # The fault LED shows the most urgent fault; the panel maps a name to a blink pattern.
 FAULT_PRIORITY = ("seal", "spool_full", "uplink")
@@ -103,78 +101,6 @@ def load_device_key(path: Path):  # -> Ed25519PrivateKey
     return key
 
 
-@dataclass
-class Stats:
-    # the most recent seals only: a box runs for months and must not grow without bound
-    sealed: deque[Sealed] = field(default_factory=lambda: deque(maxlen=1000))
-    sealed_total: int = 0
-    seal_failures: int = 0
-
-
-class SealWorker:
-    """Seals segments in order on its own thread, retrying what fails; never drops one."""
-
-    def __init__(self, sealer: Sealer, report: Callable[[Event], None],
-                 on_fault: Callable[[str | None], None], stats: Stats) -> None:
-        self._sealer = sealer
-        self._report = report
-        self._on_fault = on_fault
-        self._stats = stats
-        self._q: queue.Queue[Segment | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="sealer", daemon=True)
-        self._failing = False
-        self._stopping = threading.Event()
-        self._stop_deadline: float | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, seg: Segment) -> None:
-        self._q.put(seg)
-
-    def _run(self) -> None:
-        while True:
-            seg = self._q.get()
-            if seg is None:
-                return
-            while True:
-                try:
-                    sealed = self._sealer.seal(seg)
-                except SealError as exc:
-                    self._stats.seal_failures += 1
-                    log.error("%s", exc)
-                    if not self._failing:
-                        self._failing = True
-                        self._on_fault("seal")
-                        self._report(Event(time.monotonic_ns(), "fault",
-                                           {"device": "spool", "reason": str(exc)}))
-                    if self._stopping.wait(SEAL_RETRY_S) and self._give_up_on_stop():
-                        log.error("stopping with %d segment(s) unsealed: the disk stayed full",
-                                  1 + self._q.qsize())
-                        return
-                    continue
-                break
-            if self._failing:
-                self._failing = False
-                self._on_fault(None)
-                self._report(Event(time.monotonic_ns(), "fault_cleared", {"device": "spool"}))
-            self._stats.sealed.append(sealed)
-            self._stats.sealed_total += 1
-            log.info("sealed seq %d session %s#%d (%s, %d bytes)", sealed.seq, seg.session,
-                     seg.index, seg.reason, sealed.header["payload"]["size"])
-
-    def _give_up_on_stop(self) -> bool:
-        # On shutdown keep trying for a bounded time, then leave: what is in RAM is lost with
-        # the process either way, and the fault is already on the LED and in the log.
-        return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
-
-    def stop(self, timeout: float = 30) -> None:
-        self._stop_deadline = time.monotonic() + 10
-        self._stopping.set()
-        self._q.put(None)
-        self._thread.join(timeout)
-
-
 class Gateway:
     def __init__(self, board: BoardProfile, site: SiteConfig,
                  devices: Devices | None = None) -> None:
@@ -196,7 +122,8 @@ class Gateway:
         panel = self.devices.panel
         self.lamp = FaultLamp(panel.set_fault)
         self.sealing = SealWorker(self.sealer, self.q.put, self.lamp.reporter("seal"),
-                                  self.stats)
+                                  self.stats,
+                                  max_unsealed_bytes=site.spool.unsealed_max_mb * 2**20)
         self.spool = Spool(site.spool.dir, site.spool.state)
         self.quota = QuotaWatch(self.spool, site.spool.quota_mb * 2**20,
                                 site.spool.min_free_mb * 2**20)

@@ -1,4 +1,5 @@
-"""Token bucket and backoff: how the uplink paces itself.
+"""Token bucket, backoff and throttle: how the uplink paces itself and how repeated faults are
+kept from flooding the log.
 
 The bucket holds at most `burst` bytes of credit and fills at `rate_bps` bits per second, so over
 any stretch longer than burst/rate the average stays at the cap (the teller's network is shared).
@@ -58,3 +59,31 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+class Throttle:
+    """At most one go-ahead per `interval_s` per key: how a fault that repeats every retry is
+    logged without flooding the journal. Counts what it held back, so the next line can say."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str = "") -> int | None:
+        """None: hold this one back; else how many were held back since the last go-ahead."""
+        with self._lock:
+            now = self._clock()
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+    def reset(self, key: str = "") -> None:
+        with self._lock:
+            self._last.pop(key, None)
+            self._held.pop(key, None)

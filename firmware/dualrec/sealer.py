@@ -3,10 +3,13 @@ header with the device key, links it into the chain and commits both files to th
 
 Commit order: payload (durable write), then header (durable write: the commit point), then the
 chain state. A failure at any step leaves no file under a final name for an uncommitted seq, and
-the same segment can be sealed again under the same seq. pyrage encrypts in memory (in a worker
-process, see age_worker.py); the
-ciphertext length is checked against what the age format implies before and after the write,
-because pyrage's buffered writer has been seen to report success on a failed final flush.
+the same segment can be sealed again under the same seq. A failure of the chain-state update
+after the header is committed (its SQLite on a full or failing disk) does not undo the seal: the
+segment is sealed, the sealer keeps the header's bytes and brings the state up to date before it
+issues another seq, so a seq is never issued twice nor skipped. pyrage encrypts in memory (in a
+worker process, see age_worker.py); the ciphertext length is checked against what the age format
+implies before and after the write, because pyrage's buffered writer has been seen to report
+success on a failed final flush.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from dualrec.durable import WriteError, write_durable
 from dualrec.segment import Segment
 from dualrec.segment_format import (
     FORMAT_VERSION,
+    FormatError,
     age_expected_size,
     age_header_length,
+    header_hash,
     header_name,
     payload_name,
     scan_dir,
@@ -38,6 +43,11 @@ from dualrec.timebase import Timebase
 
 class SealError(RuntimeError):
     """A segment could not be sealed; nothing was committed and it can be sealed again."""
+
+
+class ChainLagError(RuntimeError):
+    """The chain state is behind a committed header and could not be brought up to date;
+    nothing new can be sealed until it is (catch_up() retries)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,9 @@ class Sealer:
         self._chain = chain
         self._tb = timebase
         self.boot_id = boot_id
+        # (seq, header bytes) of a committed header the chain state has not recorded yet
+        self._lag: tuple[int, bytes] | None = None
+        self.lag_error: BaseException | None = None
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def recover(self) -> tuple[list[int], list[Path]]:
@@ -86,7 +99,39 @@ class Sealer:
             removed.append(tmp)
         return adopted, removed
 
+    @property
+    def lagging(self) -> bool:
+        """A committed header is not in the chain state yet (catch_up() will record it)."""
+        return self._lag is not None
+
+    def catch_up(self) -> bool:
+        """Record a committed header the chain state missed; True if there was one.
+
+        Uses the header's bytes kept in memory, not the spool file: the uplink may already have
+        delivered and removed it. Raises ChainLagError while the state cannot be written."""
+        if self._lag is None:
+            return False
+        seq, header_bytes = self._lag
+        try:
+            head = self._chain.head()
+            if head.next_seq == seq + 1 and head.prev == header_hash(header_bytes):
+                pass  # the failed update had landed after all (an error reported late)
+            elif head.next_seq == seq:
+                self._chain.advance(seq, header_bytes)
+            else:
+                raise RuntimeError(f"chain state at seq {head.next_seq}, expected {seq}")
+        except Exception as exc:
+            self.lag_error = exc
+            raise ChainLagError(f"chain state not updated for committed seq {seq}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        self._lag = None
+        self.lag_error = None
+        return True
+
     def seal(self, seg: Segment) -> Sealed:
+        # Never issue a seq while a committed one is missing from the state: it would be
+        # issued twice (a fork) or, after a restart from a stale state, overwritten.
+        self.catch_up()
         clock = self._tb.clock_json(seg.start_ns, seg.end_ns)
         try:
             plaintext = seg.pack(clock)
@@ -96,7 +141,9 @@ class Sealer:
         expected = age_expected_size(age_header_length(ciphertext), len(plaintext))
         head = self._chain.head()
         seq = head.next_seq
-        anchor = self._tb.current
+        # The quality of the anchor in force at the segment's end: clock.json's last, so a
+        # verifier can check the header against the payload (FORMAT.md §3).
+        anchor = clock["anchors"][-1]
         fields = {
             "format": FORMAT_VERSION,
             "device": self.device_id,
@@ -109,14 +156,17 @@ class Sealer:
             "reason": seg.reason,
             "start": {"mono_ns": seg.start_ns, "utc_ns": self._tb.to_utc_ns(seg.start_ns)},
             "end": {"mono_ns": seg.end_ns, "utc_ns": self._tb.to_utc_ns(seg.end_ns)},
-            "clock": {"source": anchor.source, "synced": anchor.synced,
-                      "est_error_ns": anchor.est_error_ns},
+            "clock": {"source": anchor["source"], "synced": anchor["synced"],
+                      "est_error_ns": anchor["est_error_ns"]},
             "streams": seg.streams_summary(),
             "payload": {"size": len(ciphertext),
                         "sha256": hashlib.sha256(ciphertext).hexdigest()},
             "prev": head.prev,
         }
-        header_bytes = sign_header(fields, self._key)
+        try:
+            header_bytes = sign_header(fields, self._key)  # checks the schema first
+        except FormatError as exc:  # a bug, not the disk: on record, never a silent drop
+            raise SealError(f"segment {seg.session}/{seg.index}: {exc}") from exc
         payload_path = self.spool_dir / payload_name(seq)
         header_path = self.spool_dir / header_name(seq)
         try:
@@ -128,7 +178,13 @@ class Sealer:
                 raise
         except WriteError as exc:
             raise SealError(f"segment seq {seq} not committed: {exc}") from exc
-        self._chain.advance(seq, header_bytes)
+        try:
+            self._chain.advance(seq, header_bytes)
+        except Exception as exc:
+            # The header is committed (the commit point): the segment is sealed and must not
+            # be sealed again. The state is brought up to date before the next seq.
+            self._lag = (seq, header_bytes)
+            self.lag_error = exc
         return Sealed(seq, {**fields}, header_path, payload_path)
 
     def close(self) -> None:
