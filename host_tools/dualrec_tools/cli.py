@@ -25,10 +25,12 @@ from dualrec_tools.keys import (
 from dualrec_tools.tap import tap
 from dualrec_tools.verify import (
     DeviceKey,
+    DirectoryError,
     KeyFileError,
     load_device_key,
     read_headers,
     sessions_of,
+    shown,
     verify_dir,
 )
 
@@ -129,28 +131,49 @@ def provision(branch: Path, device_id: str, receiver_url: str, out: Path, oplog_
 # --- verify, export, sessions ----------------------------------------------------------------
 
 
+class UsageFailure(click.ClickException):
+    """A usage or I/O error: exit status 2, like click's own usage errors."""
+
+    exit_code = 2
+
+
 def _load_keys(paths: Sequence[Path]) -> list[DeviceKey]:
     try:
         return [load_device_key(p) for p in paths]
     except KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UsageFailure(str(exc)) from None
 
 
 @main.command()
 @click.argument("directory", type=EXISTING_DIR)
 @click.option("--device-key", "key_paths", type=EXISTING_FILE, multiple=True, required=True,
               help="A device public key (PEM); repeat for several.")
+@click.option("--identity", "identity_path", type=EXISTING_FILE, default=None,
+              help="The branch's age identity: also check every payload's content.")
 @click.option("--from-seq", type=click.IntRange(min=0), default=0, show_default=True,
               help="The seq the chain must start at (0: also with the genesis prev).")
 @click.option("--partial", is_flag=True,
               help="The directory may start anywhere (a spool after uploads were deleted).")
 @click.option("--strict", is_flag=True, help="Warnings (an unfinished session) fail too.")
-def verify(directory: Path, key_paths: tuple[Path, ...], from_seq: int, partial: bool,
-           strict: bool) -> None:
+def verify(directory: Path, key_paths: tuple[Path, ...], identity_path: Path | None,
+           from_seq: int, partial: bool, strict: bool) -> None:
     """Check that the segments in DIRECTORY form a complete, untouched chain.
 
-    Prints one line per problem and a verdict; exits 0 only if nothing failed."""
-    report = verify_dir(directory, _load_keys(key_paths), from_seq=None if partial else from_seq)
+    Prints one line per finding and a verdict. Exit status: 0 verified, 1 findings, 2 usage
+    or I/O error (a key or identity file that cannot be used, a directory that cannot be
+    listed); docs/FORMAT.md §6."""
+    keys_ = _load_keys(key_paths)
+    identities = None
+    if identity_path is not None:
+        try:
+            identities = load_identities(identity_path)
+        except ExportError as exc:
+            raise UsageFailure(str(exc)) from None
+    try:
+        report = verify_dir(directory, keys_, from_seq=None if partial else from_seq,
+                            identities=identities)
+    except DirectoryError as exc:
+        raise UsageFailure(str(exc)) from None
     for p in report.problems:
         click.echo(f"warning: {p}" if p.warning else str(p))
     click.echo(report.verdict(strict))
@@ -194,7 +217,10 @@ def _duration(ns: int) -> str:
 @click.option("--spool", type=EXISTING_DIR, required=True, help="Directory of segments.")
 def sessions(spool: Path) -> None:
     """List the sessions the headers in --spool name (headers are parsed, not verified)."""
-    headers, _ = read_headers(spool)
+    try:
+        headers, _ = read_headers(spool)
+    except DirectoryError as exc:
+        raise UsageFailure(str(exc)) from None
     found = sessions_of(headers)
     if not found:
         click.echo("no sessions")
@@ -206,7 +232,7 @@ def sessions(spool: Path) -> None:
         click.echo(f"{s.session:<28} {len(s.segments):>4} "
                    f"{f'{s.seqs[0]}..{s.seqs[-1]}':>13} {start:%Y-%m-%d %H:%M:%S}  "
                    f"{_duration(s.duration_ns):>9} {s.status}")
-    unreadable = [h.path.name for h in headers if h.header is None]
+    unreadable = [shown(h.path.name) for h in headers if h.header is None]
     if unreadable:
         click.echo(f"unreadable headers: {', '.join(unreadable)}", err=True)
 
