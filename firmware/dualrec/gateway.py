@@ -34,7 +34,7 @@ log = logging.getLogger("dualrec.gateway")
 
 QUOTA_CHECK_NS = 1_000_000_000
 # The fault LED shows the most urgent fault; the panel maps a name to a blink pattern.
-FAULT_PRIORITY = ("seal", "spool_full", "uplink")
+FAULT_PRIORITY = ("seal", "spool_full", "quarantine", "uplink")
 
 
 class FaultLamp:
@@ -63,10 +63,20 @@ class QuotaWatch:
         self.quota = quota_bytes
         self.min_free = min_free_bytes
         self.full = False
+        self.unreadable = False
 
     def check(self) -> str | None:
         """None when nothing changed; else the new state's reason ("" = space is back)."""
-        used, free = self.spool.usage()
+        try:
+            used, free = self.spool.usage()
+        except OSError as exc:
+            # A failing spool disk (EIO, gone) must not stop the recorder loop that calls this;
+            # the seal worker puts that fault on record. Keep the last state, say it once.
+            if not self.unreadable:
+                self.unreadable = True
+                log.error("spool usage unreadable: %s; quota state kept", exc)
+            return None
+        self.unreadable = False
         if not self.full and (used > self.quota or free < self.min_free):
             self.full = True
             return (f"spool nearly full: {used // 2**20} MiB held (quota "
@@ -133,7 +143,8 @@ class Gateway:
             from dualrec.uplink import Uplink
 
             self.uplink = Uplink(self.spool, site.uplink, site.device.id, self.q.put,
-                                 self.lamp.reporter("uplink"))
+                                 self.lamp.reporter("uplink"),
+                                 on_quarantine=self.lamp.reporter("quarantine"))
         cam, mic = self.devices.camera, self.devices.microphone
         rec = site.recording
         self.segmenter = Segmenter(

@@ -5,6 +5,8 @@ a SQLite table (WAL) keeps the upload state of each: header delivered, receipt. 
 the spool only after its verified receipt is stored, in the order receipt, payload, header, so a
 kill -9 at any point leaves either a segment still to upload (safe to repeat) or one whose receipt
 is already on record (finished on the next pass). Nothing here decides to delete anything else.
+A segment the receiver refuses for good is marked quarantined here (kept, never deleted; the
+uplink leaves it aside and reports it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Entry:
     payload_sha256: str
     payload_size: int
     header_delivered: bool
+    quarantined: str | None = None  # why the receiver refuses it for good, if it does
+    receipted: bool = False  # receipt stored, files not yet removed (completion interrupted)
 
 
 class Spool:
@@ -46,6 +50,10 @@ class Spool:
             "CREATE TABLE IF NOT EXISTS upload (seq INTEGER PRIMARY KEY,"
             " header_sha256 TEXT NOT NULL, header_delivered_ns INTEGER,"
             " receipt BLOB, receipt_ns INTEGER)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(upload)")}
+        for name, kind in (("quarantined_ns", "INTEGER"), ("quarantine_reason", "TEXT")):
+            if name not in columns:  # a spool made before quarantine existed
+                self._db.execute(f"ALTER TABLE upload ADD COLUMN {name} {kind}")
         self._lock = threading.Lock()  # one connection shared by the uplink's threads
         # Committed headers never change: parse each once, not on every poll of a long backlog.
         self._parsed: dict[tuple[int, int], tuple[bytes, str, str, int]] = {}
@@ -56,10 +64,12 @@ class Spool:
             return self._entries()
 
     def _entries(self) -> list[Entry]:
-        delivered = {
-            (seq, sha) for seq, sha in self._db.execute(
-                "SELECT seq, header_sha256 FROM upload WHERE header_delivered_ns IS NOT NULL")
-        }
+        # Every flag belongs to the header it was set for: a row for another header under the
+        # same seq (a restored chain state) says nothing about this one.
+        rows = {(seq, sha): (delivered, receipted, reason) for seq, sha, delivered, receipted,
+                reason in self._db.execute(
+                    "SELECT seq, header_sha256, header_delivered_ns IS NOT NULL,"
+                    " receipt IS NOT NULL, quarantine_reason FROM upload")}
         out = []
         seen = set()
         for seq, files in scan_dir(self.dir).items():
@@ -76,8 +86,9 @@ class Spool:
                 continue  # vanished under us (completed by another thread) or unreadable
             seen.add(key)
             data, sha, payload_sha, size = self._parsed[key]
+            delivered, receipted, reason = rows.get((seq, sha), (False, False, None))
             out.append(Entry(seq, files.header, files.payload, data, sha, payload_sha, size,
-                             (seq, sha) in delivered))
+                             bool(delivered), reason, bool(receipted)))
         for key in self._parsed.keys() - seen:
             del self._parsed[key]
         return out
@@ -94,6 +105,34 @@ class Spool:
         with self._lock:
             self._db.execute("UPDATE upload SET header_delivered_ns = NULL WHERE seq = ?",
                              (entry.seq,))
+
+    def quarantine(self, entry: Entry, reason: str) -> bool:
+        """Mark the segment refused for good (kept on the box); True if it was not already."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT quarantined_ns FROM upload WHERE seq = ? AND header_sha256 = ?",
+                (entry.seq, entry.header_sha256)).fetchone()
+            if row is not None and row[0] is not None:
+                self._db.execute("UPDATE upload SET quarantine_reason = ? WHERE seq = ?",
+                                 (reason, entry.seq))
+                return False
+            self._db.execute(
+                "INSERT INTO upload (seq, header_sha256, quarantined_ns, quarantine_reason)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT(seq) DO UPDATE SET"
+                " header_sha256 = excluded.header_sha256,"
+                " quarantined_ns = excluded.quarantined_ns,"
+                " quarantine_reason = excluded.quarantine_reason",
+                (entry.seq, entry.header_sha256, time.time_ns(), reason))
+            return True
+
+    def quarantined(self) -> list[tuple[int, str, int]]:
+        """(seq, reason, since time.time_ns()) of every quarantined segment still held."""
+        held = {(e.seq, e.header_sha256) for e in self.entries()}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, header_sha256, quarantine_reason, quarantined_ns FROM upload"
+                " WHERE quarantined_ns IS NOT NULL ORDER BY seq").fetchall()
+        return [(seq, reason, since) for seq, sha, reason, since in rows if (seq, sha) in held]
 
     def complete(self, entry: Entry, receipt: bytes) -> None:
         """Store the verified receipt, then remove the segment's files."""

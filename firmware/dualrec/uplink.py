@@ -6,6 +6,13 @@ bandwidth cap. Every request is idempotent (device, seq, header hash), so any fa
 retried with backoff. A segment leaves the spool only after the receipt for exactly its header
 has been verified with the pinned receipt key. The uplink knows nothing of what is inside a
 segment: it moves opaque files.
+
+No segment holds up the others (docs/UPLOAD.md "Refusals"): a refusal that will not change (fork,
+bad link, malformed, bad signature, oversized, a corrupt local payload) quarantines the segment
+(kept on the box, on record as `upload_quarantined`, on the LED, in status(); offered again once an
+hour and at each start); a refusal of one segment that may pass later (5xx, 429, 422 on an intact
+file) holds that segment back with its own backoff while the rest flow. Any other error of either
+sender, of any type (a spool SQLite on a full disk included), is retried with backoff.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -32,6 +40,13 @@ log = logging.getLogger("dualrec.uplink")
 
 CHUNK = 16 * 1024
 HEADER_POLL_S = 0.5
+QUARANTINE_RETRY_S = 3600.0  # a quarantined segment is offered again this often (branch fixes)
+INTACT_422_LIMIT = 3  # 422s on a payload that checks out locally before it is quarantined
+
+# docs/UPLOAD.md: the receiver's refusal words, by what retrying can change.
+PERMANENT = frozenset({"fork", "bad_link", "malformed", "seq_mismatch", "bad_seq",
+                       "bad_request", "bad_signature", "oversized"})
+DEVICE_WIDE = frozenset({"unknown_device", "device_mismatch", "cert_mismatch"})
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
@@ -58,6 +73,31 @@ class UploadError(Exception):
     """One attempt failed; the sender backs off and tries again."""
 
 
+class SegmentRefused(UploadError):
+    """The receiver refused this one segment. permanent: retrying cannot change the answer
+    (quarantine it); else hold it back with its own backoff. sender_backoff: the refusal says
+    the receiver itself is in trouble (5xx, 429), so the sender backs off as well."""
+
+    def __init__(self, seq: int, text: str, word: str, *, permanent: bool,
+                 sender_backoff: bool = False) -> None:
+        super().__init__(text)
+        self.seq, self.word = seq, word
+        self.permanent, self.sender_backoff = permanent, sender_backoff
+
+
+def classify(seq: int, what: str, r: httpx.Response) -> UploadError:
+    """The error for a refusal of `what` (header, payload) of seq: docs/UPLOAD.md "Refusals"."""
+    word = _error(r)
+    text = f"seq {seq} {what}: {_describe(r)}"
+    code = r.status_code
+    if word in DEVICE_WIDE or (code == 403 and word != "bad_signature"):
+        return UploadError(text)  # this box is not recognised: no segment can pass
+    if word in PERMANENT or code == 413:
+        return SegmentRefused(seq, text, word or str(code), permanent=True)
+    return SegmentRefused(seq, text, word or str(code), permanent=False,
+                          sender_backoff=code >= 500 or code == 429)
+
+
 @dataclass
 class UplinkStats:
     headers_delivered: int = 0
@@ -65,18 +105,22 @@ class UplinkStats:
     bytes_sent: int = 0
     receipts: int = 0
     failures: int = 0
+    quarantined: int = 0  # segments quarantined now (kept on the box, refused for good)
+    held_back: int = 0  # refusals of one segment that held it back while the others went on
 
 
 class Uplink:
     def __init__(self, spool: Spool, cfg: UplinkSection, device_id: str,
                  report: Callable[[Event], None],
                  on_fault: Callable[[str | None], None] = lambda _: None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 on_quarantine: Callable[[str | None], None] = lambda _: None) -> None:
         self.spool = spool
         self.cfg = cfg
         self.device = device_id
         self._report = report
         self._on_fault = on_fault
+        self._on_quarantine = on_quarantine
         self._receipt_key = load_receipt_key(cfg)
         self._base = cfg.url.rstrip("/") + f"/v1/devices/{device_id}/segments"
         self._stop = threading.Event()
@@ -87,6 +131,16 @@ class Uplink:
         self.stats = UplinkStats()
         self._stats_lock = threading.Lock()
         self._header_first: dict[int, int] = {}  # seq -> "send the header first" answers
+        # Per-segment state, shared by both senders (under _seg_lock): when a held-back or
+        # quarantined segment may be offered again, its own backoff, and 422s on intact files.
+        self._seg_lock = threading.Lock()
+        self._not_before: dict[int, float] = {}
+        self._seg_backoff: dict[int, Backoff] = {}
+        self._intact_422: dict[int, int] = {}
+        self._quarantine: dict[int, str] = {}  # seq -> reason, as last seen in the spool
+        self._receipted_left = False  # files of receipted segments still to remove
+        self._quarantine_shown = False
+        self._unexpected: set[tuple[str, str]] = set()  # (sender, type): traceback logged
         timeout = httpx.Timeout(cfg.timeout_s)
         verify = client_ssl_context(cfg)
         self._clients = [
@@ -102,8 +156,9 @@ class Uplink:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        for seq in self.spool.finish_receipted():
-            log.warning("seq %d: receipt was stored before an unclean stop; files removed", seq)
+        # Segments whose receipt was stored before an unclean stop are finished by the payload
+        # sender (retried like any step: the spool's disk may be failing right now).
+        self._receipted_left = True
         for t in self._threads:
             t.start()
 
@@ -120,13 +175,21 @@ class Uplink:
         while not self._stop.is_set():
             try:
                 busy = step(client)
-            except (UploadError, httpx.HTTPError, OSError) as exc:
+            except Exception as exc:  # any type: a sender thread must never die
                 if self._stop.is_set():
                     break  # an upload abandoned by stop() is no fault
                 self._count(failures=1)
                 delay = backoff.next_delay()
-                log.warning("%s: %s; retrying in %.1f s", name, exc, delay)
-                self._fault(name, str(exc))
+                expected = isinstance(exc, (UploadError, httpx.HTTPError, OSError))
+                if not expected and (name, type(exc).__name__) not in self._unexpected:
+                    # first of its kind: the traceback once (a SQLite error on a full disk, a
+                    # bug); later ones are the one-line warning below
+                    self._unexpected.add((name, type(exc).__name__))
+                    log.error("%s: unexpected %s; retrying with backoff", name,
+                              type(exc).__name__, exc_info=exc)
+                log.warning("%s: %s: %s; retrying in %.1f s", name, type(exc).__name__, exc,
+                            delay)
+                self._fault(name, str(exc) if expected else f"{type(exc).__name__}: {exc}")
                 self._stop.wait(delay)
                 continue
             backoff.reset()
@@ -165,13 +228,30 @@ class Uplink:
 
     # --- the two senders -------------------------------------------------------------------
 
+    def _ready(self, entry: Entry, now: float) -> bool:
+        """Whether a sender may offer this segment now (not done, not held back or quarantined
+        until later)."""
+        if entry.receipted:
+            return False  # delivered; only its files are left to remove
+        with self._seg_lock:
+            return now >= self._not_before.get(entry.seq, 0.0)
+
     def _send_headers(self, client: httpx.Client) -> bool:
         """Announce every header not yet delivered; return False when there was nothing."""
-        pending = [e for e in self.spool.entries() if not e.header_delivered]
-        for entry in pending:
+        entries = self.spool.entries()
+        self._note_quarantine(entries)
+        now = time.monotonic()
+        for entry in entries:
             if self._stop.is_set():
                 break
-            self._put_header(client, entry)
+            if entry.header_delivered or not self._ready(entry, now):
+                continue
+            try:
+                self._put_header(client, entry)
+            except SegmentRefused as exc:
+                self._refused(entry, exc)
+                if exc.sender_backoff:
+                    raise  # the receiver is in trouble: the whole sender backs off
         return False
 
     def _put_header(self, client: httpx.Client, entry: Entry) -> None:
@@ -180,32 +260,55 @@ class Uplink:
         if r.status_code == 202:
             self.spool.mark_header_delivered(entry)
             self._count(headers_delivered=1)
+            with self._seg_lock:  # its payload may follow at once (a quarantine lifted)
+                self._not_before.pop(entry.seq, None)
+                self._seg_backoff.pop(entry.seq, None)
         elif r.status_code == 200:  # payload already there (a lost acknowledgement)
             # Only a verified receipt says the receiver holds it (it then completes the entry);
             # a 200 whose receipt is refused must not mark the header delivered either.
             self._accept_receipt(entry, r.content)
         else:
-            raise UploadError(f"seq {entry.seq} header: {_describe(r)}")
+            raise classify(entry.seq, "header", r)
 
     def _send_payload(self, client: httpx.Client) -> bool:
-        """Send the oldest payload; return False when the spool is empty."""
+        """Send the oldest payload that may go now; return False when there is none."""
+        if self._receipted_left:
+            for seq in self.spool.finish_receipted():
+                log.warning("seq %d: receipt was stored before; its files are removed now", seq)
+            self._receipted_left = False
         entries = self.spool.entries()
-        if not entries:
+        self._note_quarantine(entries)
+        self._receipted_left = any(e.receipted for e in entries)
+        now = time.monotonic()
+        ready = [e for e in entries if self._ready(e, now)]
+        if not ready:
             return False
-        entry = entries[0]
+        entry = ready[0]
+        try:
+            self._deliver(client, entry)
+        except SegmentRefused as exc:
+            self._refused(entry, exc)
+            if exc.sender_backoff:
+                raise
+        return True
+
+    def _deliver(self, client: httpx.Client, entry: Entry) -> None:
         if not entry.header_delivered:
             self._put_header(client, entry)  # headers first, always
             if not self._still_there(entry):
-                return True
+                return
         if entry.payload_path is None:
-            raise UploadError(f"seq {entry.seq}: payload file missing from the spool")
+            raise SegmentRefused(entry.seq, f"seq {entry.seq}: payload file missing from the "
+                                 "spool", "local_missing", permanent=True)
         try:
             size = entry.payload_path.stat().st_size
         except FileNotFoundError:
-            return True  # the header sender got its receipt meanwhile
+            return  # the header sender got its receipt meanwhile
         if size != entry.payload_size:
-            raise UploadError(f"seq {entry.seq}: local payload is {size} bytes, header says "
-                              f"{entry.payload_size} (corrupt spool file kept as evidence)")
+            raise SegmentRefused(
+                entry.seq, f"seq {entry.seq}: local payload is {size} bytes, header says "
+                f"{entry.payload_size} (corrupt spool file kept as evidence)", "local_corrupt",
+                permanent=True)
         r = client.put(f"{self._base}/{entry.seq}/payload", content=self._paced(entry),
                        headers={"Content-Type": "application/octet-stream",
                                 "Content-Length": str(size),
@@ -213,7 +316,7 @@ class Uplink:
         if r.status_code == 200:
             self._count(payloads_delivered=1)
             self._accept_receipt(entry, r.content)
-            return True
+            return
         if r.status_code == 409 and _error(r) == "header_first":
             # The receiver lost our header (restored from a backup?): announce it again and go
             # on at once; only a receiver that keeps forgetting it counts as a fault.
@@ -221,10 +324,78 @@ class Uplink:
             self._header_first[entry.seq] = self._header_first.get(entry.seq, 0) + 1
             if self._header_first[entry.seq] <= 2:
                 self._put_header(client, entry)
-                return True
+                return
         if r.status_code == 422:
             self._check_local(entry)
-        raise UploadError(f"seq {entry.seq} payload: {_describe(r)}")
+            with self._seg_lock:
+                n = self._intact_422[entry.seq] = self._intact_422.get(entry.seq, 0) + 1
+            if n >= INTACT_422_LIMIT:
+                raise SegmentRefused(entry.seq, f"seq {entry.seq} payload: {_describe(r)} "
+                                     f"{n} times for a payload that matches its header",
+                                     _error(r) or "422", permanent=True)
+        raise classify(entry.seq, "payload", r)
+
+    def _refused(self, entry: Entry, exc: SegmentRefused) -> None:
+        """Set one refused segment aside (quarantine or hold back); the others go on."""
+        now = time.monotonic()
+        if exc.permanent:
+            new = self.spool.quarantine(entry, str(exc)[:500])
+            with self._seg_lock:
+                self._not_before[entry.seq] = now + QUARANTINE_RETRY_S
+                self._seg_backoff.pop(entry.seq, None)
+                self._quarantine[entry.seq] = str(exc)
+                self._show_quarantine()
+            self._count(failures=1)
+            if new:
+                log.error("seq %d quarantined: %s; kept on the box (never deleted), offered "
+                          "again in %.0f min; the other segments go on", entry.seq, exc,
+                          QUARANTINE_RETRY_S / 60)
+                self._report(Event(time.monotonic_ns(), "upload_quarantined", {
+                    "device": "uplink", "seq": entry.seq, "header_sha256": entry.header_sha256,
+                    "error": exc.word, "reason": str(exc)[:500]}))
+            else:
+                log.warning("seq %d still refused for good: %s; offered again in %.0f min",
+                            entry.seq, exc, QUARANTINE_RETRY_S / 60)
+            return
+        with self._seg_lock:
+            backoff = self._seg_backoff.setdefault(entry.seq,
+                                                   Backoff(cap_s=self.cfg.backoff_max_s))
+            # at least the base delay: full jitter alone could retry at once, in a tight loop
+            delay = max(backoff.base, backoff.next_delay())
+            self._not_before[entry.seq] = now + delay
+        self._count(held_back=1, failures=1)
+        log.warning("seq %d held back %.1f s: %s; the other segments go on", entry.seq, delay,
+                    exc)
+
+    def _note_quarantine(self, entries: list[Entry]) -> None:
+        """Quarantine as the spool has it (after a restart, or a segment delivered at last)."""
+        q = {e.seq: e.quarantined for e in entries if e.quarantined and not e.receipted}
+        with self._seg_lock:
+            self._quarantine = q
+            self._show_quarantine()
+
+    def _show_quarantine(self) -> None:
+        # Caller holds _seg_lock: both senders update, and the LED must end in the last state.
+        shown = bool(self._quarantine)
+        with self._stats_lock:
+            self.stats.quarantined = len(self._quarantine)
+        if shown != self._quarantine_shown:
+            self._quarantine_shown = shown
+            self._on_quarantine("quarantine" if shown else None)
+
+    def status(self) -> dict[str, Any]:
+        """For diag and tests: what is failing, quarantined and held back, and the counters."""
+        now = time.monotonic()
+        with self._seg_lock:
+            quarantined = [{"seq": s, "reason": r} for s, r in sorted(self._quarantine.items())]
+            held = sorted(s for s, t in self._not_before.items()
+                          if t > now and s not in self._quarantine)
+        with self._fault_lock:
+            failing = sorted(self._failing)
+        with self._stats_lock:
+            counters = asdict(self.stats)
+        return {"failing": failing, "quarantined": quarantined, "held_back": held,
+                "stats": counters}
 
     def _still_there(self, entry: Entry) -> bool:
         return entry.header_path.exists()
@@ -246,8 +417,9 @@ class Uplink:
         assert entry.payload_path is not None
         digest = hashlib.sha256(entry.payload_path.read_bytes()).hexdigest()
         if digest != entry.payload_sha256:
-            raise UploadError(f"seq {entry.seq}: local payload does not match its header "
-                              "(corrupt spool file kept as evidence)")
+            raise SegmentRefused(entry.seq, f"seq {entry.seq}: local payload does not match its "
+                                 "header (corrupt spool file kept as evidence)", "local_corrupt",
+                                 permanent=True)
 
     def _accept_receipt(self, entry: Entry, body: bytes) -> None:
         try:
@@ -259,6 +431,17 @@ class Uplink:
         self.spool.complete(entry, body)
         self._count(receipts=1)
         log.info("seq %d acknowledged by the receiver; removed from the spool", entry.seq)
+        with self._seg_lock:
+            for state in (self._not_before, self._seg_backoff, self._intact_422):
+                state.pop(entry.seq, None)
+            self._header_first.pop(entry.seq, None)
+            released = self._quarantine.pop(entry.seq, None) is not None
+            if released:
+                self._show_quarantine()
+        if released or entry.quarantined:
+            log.warning("seq %d: quarantined before, taken by the receiver now", entry.seq)
+            self._report(Event(time.monotonic_ns(), "upload_quarantine_cleared",
+                               {"device": "uplink", "seq": entry.seq}))
 
 
 def _error(r: httpx.Response) -> str:
