@@ -28,14 +28,52 @@ def main() -> None:
 @BOARD
 @SITE
 def check_config(board_path: Path, site_path: Path) -> None:
-    """Validate the board profile and site config; exit non-zero with the reason if invalid."""
+    """Check everything `run` needs: both files, the device key, the uplink's certificates and
+    keys, the spool and state directories and free space. One line per problem; exit 78
+    (EX_CONFIG) for a configuration or key problem, 1 for one of the box's disk only.
+
+    Run it as the service user (sudo -u dualrec ...): root may write where the service cannot.
+    """
+    from dualrec.preflight import EX_CONFIG, check_site, exit_status
+
+    errors: list[str] = []  # both files are read, so one run shows every problem
+    board = site = None
     try:
         board = load_board(board_path)
+    except ConfigError as exc:
+        errors += str(exc).splitlines()
+    try:
         site = load_site(site_path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"{board_path}: ok (board {board.board.name})")
-    click.echo(f"{site_path}: ok (device {site.device.id}, spool {site.spool.dir})")
+        errors += str(exc).splitlines()
+    problems = [] if site is None else check_site(site)
+    for line in errors + [p.line(site_path) for p in problems]:
+        click.echo(line, err=True)
+    if board is not None:
+        click.echo(f"{board_path}: ok (board {board.board.name})")
+    if site is not None and not problems:
+        click.echo(f"{site_path}: ok (device {site.device.id}, spool {site.spool.dir})")
+    status = EX_CONFIG if errors else exit_status(problems)
+    if status:
+        raise SystemExit(status)
+
+
+@main.command("chrony-conf")
+@BOARD
+@click.option("--server", default="", help="The branch NTP server (name or address); "
+              "without it the server line is a placeholder to fill in.")
+def chrony_conf(board_path: Path, server: str) -> None:
+    """Print the board's chrony fragment (for /etc/chrony/conf.d/dualrec.conf): the PPS
+    refclock only where the profile declares a PPS line."""
+    from dualrec.chronyconf import render
+    from dualrec.preflight import EX_CONFIG
+
+    try:
+        text = render(load_board(board_path), server)
+    except (ConfigError, ValueError) as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(EX_CONFIG) from None
+    click.echo(text, nl=False)
 
 
 @main.command()
@@ -73,11 +111,25 @@ def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from dualrec.preflight import EX_CONFIG, check_device_key
+
+    # A config error or a missing or wrong device key: restarting cannot mend it. One line
+    # each, exit 78, and the unit's RestartPreventExitStatus=78 stops the restart loop.
+    try:
+        board, site = load_board(board_path), load_site(site_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(EX_CONFIG) from None
+    key_problems = check_device_key(site)
+    if key_problems:
+        for p in key_problems:
+            click.echo(p.line(site_path), err=True)
+        raise SystemExit(EX_CONFIG)
     from dualrec.gateway import Gateway
 
     try:
-        gw = Gateway(load_board(board_path), load_site(site_path))
-    except (ConfigError, DeviceError) as exc:
+        gw = Gateway(board, site)
+    except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
     try:
         stats = gw.run(stop, duration)

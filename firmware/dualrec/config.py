@@ -190,14 +190,26 @@ class SealSection(_Strict):
     @field_validator("recipients")
     @classmethod
     def _age(cls, recipients: list[str]) -> list[str]:
-        import pyrage
-
         for r in recipients:
-            try:
-                pyrage.x25519.Recipient.from_str(r)
-            except Exception:
-                raise ValueError(f"{r!r} is not an age X25519 recipient (age1...)") from None
+            _age_recipient(r)
         return recipients
+
+    @field_validator("escrow")
+    @classmethod
+    def _escrow(cls, escrow: str | None) -> str | None:
+        # sealed to as well as the recipients: a bad one would fail every seal, not the start
+        if escrow is not None:
+            _age_recipient(escrow)
+        return escrow
+
+
+def _age_recipient(r: str) -> None:
+    import pyrage
+
+    try:
+        pyrage.x25519.Recipient.from_str(r)
+    except Exception:
+        raise ValueError(f"{r!r} is not an age X25519 recipient (age1...)") from None
 
 
 class SpoolSection(_Strict):
@@ -237,15 +249,17 @@ class SiteConfig(_Strict):
 
 
 def _format_errors(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
+    """One line per problem, each whole on its own: file, key, reason (a log or journal line
+    shown alone still says everything)."""
+    lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        reason = err["msg"]
+        reason = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             reason = "unknown key"
         elif err["type"] == "missing":
             reason = "required key is missing"
-        lines.append(f"  {key}: {reason}")
+        lines.append(f"{path}: {key}: {reason}")
     return "\n".join(lines)
 
 
