@@ -12,6 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dualrec.canonical import CanonicalError, canonical_bytes, parse_canonical
+from dualrec.schema import Receipt, SchemaError, validate
 
 RECEIPT_FORMAT = 1
 RECEIPT_KEYS = {"device", "format", "header_sha256", "payload_sha256", "payload_size",
@@ -39,8 +40,10 @@ def verify_receipt(data: bytes, key: Ed25519PublicKey, *, device: str, seq: int,
         receipt = parse_canonical(data)
     except CanonicalError as exc:
         raise ReceiptError(f"receipt is not canonical JSON: {exc}") from None
-    if not isinstance(receipt, dict) or set(receipt) != RECEIPT_KEYS:
-        raise ReceiptError("receipt does not have the receipt fields")
+    try:
+        validate(Receipt, receipt)  # types, ranges, canonical base64: one schema for all
+    except SchemaError as exc:
+        raise ReceiptError(f"receipt breaks the schema: {exc}") from None
     try:
         sig = base64.b64decode(receipt["sig"], validate=True)
         key.verify(sig, canonical_bytes({k: v for k, v in receipt.items() if k != "sig"}))

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import av
 import pyrage
 
+from dualrec.schema import EventRecord, LineRecord, SchemaError, validate
 from dualrec.segment import MEDIA_NAME
 from dualrec_tools.verify import DeviceKey, Report, SessionInfo, verify_dir
 
@@ -92,8 +93,20 @@ def decrypt_payload(ciphertext: bytes,
     return out
 
 
-def jsonl(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in data.splitlines() if line.strip()]
+def jsonl(data: bytes, model: Any = None) -> list[dict[str, Any]]:
+    """The records of a .jsonl member; with a schema model, only the records that pass it (a
+    broken payload exported with --force must not stop the export)."""
+    out = []
+    for line in data.splitlines():
+        try:
+            value = json.loads(line)
+            if model is not None:
+                validate(model, value)
+        except (ValueError, RecursionError, SchemaError):
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
 
 
 def _srt_time(ns: int) -> str:
@@ -248,7 +261,10 @@ def export_session(spool: Path, session: str, out_dir: Path,
     if not SESSION_NAME.match(session):
         raise ExportError(f"{session!r} is not a session id")
     # The spool may have lost its oldest segments to upload, so the chain may start anywhere.
-    report = verify_dir(spool, keys, from_seq=None)
+    try:
+        report = verify_dir(spool, keys, from_seq=None, identities=identities)
+    except OSError as exc:
+        raise ExportError(f"{spool}: {exc.strerror or exc}") from None
     info = report.session(session)
     if info is None:
         raise ExportError(f"no segments of session {session} in {spool}")
@@ -274,7 +290,7 @@ def export_session(spool: Path, session: str, out_dir: Path,
             continue
         try:
             members = decrypt_payload(hf.payload.read_bytes(), identities)
-        except (pyrage.DecryptError, tarfile.TarError) as exc:
+        except Exception as exc:  # any broken payload (only reached with --force)
             if not force:
                 raise ExportError(f"seq {seq}: cannot decrypt and unpack: {exc}") from None
             notes.append(f"seq {seq}: cannot decrypt and unpack ({exc}), skipped")
@@ -287,14 +303,14 @@ def export_session(spool: Path, session: str, out_dir: Path,
     if not seqs:
         raise ExportError(f"session {session}: no segment could be decrypted")
 
-    event_records = [e for chunk in events for e in jsonl(chunk)]
+    event_records = [e for chunk in events for e in jsonl(chunk, EventRecord)]
     origin = session_origin(event_records)
     if origin is None:
         origin = origin_from_header
     if origin is None:
         raise ExportError(f"session {session}: no session_start event and no first segment, "
                           "so the log cannot be placed on the media timeline")
-    line_records = [r for chunk in oplog for r in jsonl(chunk)]
+    line_records = [r for chunk in oplog for r in jsonl(chunk, LineRecord)]
     srt, cues = srt_document(line_records, origin, _recording_end(report, info, origin))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,12 +320,12 @@ def export_session(spool: Path, session: str, out_dir: Path,
         with _create_private(tmp) as f:
             mux_session(media, srt, f)
         os.replace(tmp, mkv)
-    except av.FFmpegError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"session {session}: muxing the recording failed: {exc}") from None
     except ExportError:
         tmp.unlink(missing_ok=True)
         raise
+    except Exception as exc:  # PyAV's errors, or media a --force export could not place
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"session {session}: muxing the recording failed: {exc}") from None
     oplog_path = out_dir / f"{session}.oplog.jsonl"
     events_path = out_dir / f"{session}.events.jsonl"
     _write(oplog_path, b"".join(oplog))

@@ -174,7 +174,9 @@ class Counter:
         return self.received if self.with_receiver else self.spool
 
     def verify(self, directory: Path | None = None) -> Report:
-        return verify_dir(directory or self.store(), [load_device_key(self.keys / "device.pub")])
+        # with the branch identity: every payload's content is checked against its header too
+        return verify_dir(directory or self.store(), [load_device_key(self.keys / "device.pub")],
+                          identities=load_identities(self.identity))
 
     def wait_spool_drained(self, timeout: float) -> bool:
         """Wait until the box holds no sealed segment (all acknowledged by receipts)."""
