@@ -148,7 +148,7 @@ def test_refusals_name_the_reason(built: Recording, tmp_path: Path) -> None:
     wrong.write_text(f"# another branch\n{pyrage.x25519.Identity.generate()}\n")
     result = CliRunner().invoke(main, ["export", "--identity", str(wrong), "--spool",
                                        str(built.spool), built.session_b, "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "seq 3: cannot decrypt" in result.output
+    assert result.exit_code != 0 and "seq 3: payload does not decrypt" in result.output
     unchecked = export(built, built.session_b, tmp_path / "out", device_key=False)
     assert unchecked.exit_code == 0
     assert "signatures not checked" in unchecked.output
