@@ -100,10 +100,8 @@ class AgeWorker:
         self._finalizer = weakref.finalize(self, _stop, proc)
         return proc
 
-    def _request(self, proc: subprocess.Popen[bytes], plaintext: bytes,
-                 recipients: list[str]) -> bytes:
+    def _request(self, proc: subprocess.Popen[bytes], plaintext: bytes, names: bytes) -> bytes:
         assert proc.stdin is not None and proc.stdout is not None
-        names = "\n".join(recipients).encode("ascii")
         proc.stdin.write(_LEN.pack(len(names)) + names + _LEN.pack(len(plaintext)))
         proc.stdin.write(plaintext)
         proc.stdin.flush()
@@ -116,13 +114,17 @@ class AgeWorker:
         raise EOFError(f"bad status byte {status!r}")
 
     def encrypt(self, plaintext: bytes, recipients: list[str]) -> bytes:
+        try:
+            names = "\n".join(recipients).encode("ascii")
+        except UnicodeEncodeError:
+            raise AgeWorkerError(f"{recipients!r}: an age recipient is ASCII") from None
         with self._lock:
             for attempt in (1, 2):
                 if self._proc is None or self._proc.poll() is not None:
                     self._discard()
                     self._proc = self._start()
                 try:
-                    return self._request(self._proc, plaintext, recipients)
+                    return self._request(self._proc, plaintext, names)
                 except (OSError, EOFError, ValueError) as exc:
                     # the worker died before or during the request (BrokenPipe, EOF, closed)
                     code = self._proc.poll()
