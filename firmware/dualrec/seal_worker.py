@@ -256,7 +256,10 @@ class SealWorker:
             return
         items = list(self._pending)
         if not include_head:
-            items = items[1:]
+            # The head is being sealed right now (and may well succeed): leave it, and leave
+            # the newest too, so the worker's own pass after a failed attempt can still drop
+            # the oldest first. Memory then exceeds the bound by at most those two segments.
+            items = items[1:-1]
         for item in items:
             if self._bytes <= self._max:
                 break
