@@ -136,6 +136,12 @@ def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool
     except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"sealed {stats.sealed_total} segments")
+    if gw.fatal:
+        # A part could not recover: a non-zero exit, so systemd restarts the whole process.
+        from dualrec.gateway import EXIT_FATAL
+
+        click.echo(f"error: {gw.fatal}", err=True)
+        raise SystemExit(EXIT_FATAL)
 
 
 if __name__ == "__main__":

@@ -170,17 +170,30 @@ class ClockWatcher:
         self._sink = sink
         self._period = period_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="clock-watch", daemon=True)
+        self._thread: threading.Thread | None = None
+        self.last_check_ns = time.monotonic_ns()  # progress, for the gateway's watchdog
 
-    def start(self) -> None:
+    def start(self, spawn: Callable[[str, Callable[[], None]], threading.Thread] | None = None
+              ) -> None:
+        """Run the loop on a thread; spawn(name, target) returns a started thread of its own
+        kind (the gateway's supervisor, which retries the loop if a check raises)."""
+        if spawn is not None:
+            self._thread = spawn("clock-watch", self.run)
+            return
+        self._thread = threading.Thread(target=self.run, name="clock-watch", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def run(self) -> None:
         while not self._stop.wait(self._period):
             ev = self._tb.check()
+            self.last_check_ns = time.monotonic_ns()
             if ev:
                 self._sink(ev)
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=1)
+        # stop() also runs after a start that never happened (a device failed first): there
+        # is then nothing to join, and joining would raise over the real error.
+        thread = self._thread
+        if thread is not None and thread.ident is not None:
+            thread.join(timeout=1)

@@ -238,7 +238,7 @@ def test_fault_patterns_are_distinct_and_other_faults_steady(
     rig, _ = started
     assert len(set(FAULT_PATTERNS.values())) == len(FAULT_PATTERNS)
     t0 = time.monotonic_ns()
-    rig.panel.set_fault("camera")  # no pattern of its own: steady
+    rig.panel.set_fault("tap_sync")  # no pattern of its own: steady
     time.sleep(0.4)
     assert rig.lit("fault")
     assert [v for t, v in rig.led("fault") if t >= t0] == [True]

@@ -57,6 +57,14 @@ FAULT_PATTERNS: dict[str, tuple[int, ...]] = {
     "seal": (125, 125),  # fast blink, 4 Hz: recordings cannot be written (disk full or failing)
     "spool_full": (150, 150, 150, 1050),  # double blink every 1.5 s: new sessions refused
     "uplink": (500, 500),  # slow blink, 1 Hz: the branch server has not been reached
+    # A part of the gateway failed unexpectedly and is being retried: triple blink every 2 s.
+    "internal": (125, 125, 125, 125, 125, 1375),
+    # A device absent, failing or unplugged (recording goes on without it; it is retried):
+    # one long flash, then 1 (camera), 2 (microphone), 3 (operation log), 4 (clock) short ones.
+    "camera": (800, 300, 150, 1250),
+    "microphone": (800, 300, 150, 300, 150, 1250),
+    "oplog": (800, 300, 150, 300, 150, 300, 150, 1250),
+    "clock": (800, 300, 150, 300, 150, 300, 150, 300, 150, 1250),
 }
 # Any other fault name: steady on. No fault: off.
 

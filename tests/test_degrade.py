@@ -1,0 +1,300 @@
+"""Degrade, never die: a device absent at start is a fault on record and on the LED, the box
+records the rest from the first second, and the device joins when it appears; a worker thread
+that raises is logged once, on record, retried; one that cannot recover stops the process with a
+non-zero status. Real parts: a pseudo-terminal for the serial port, real PortAudio on alsa-lib
+for the microphone, the picamera2 fake for the camera."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dualrec.config import MicrophoneProfile
+from dualrec.devices.pyaudio_microphone import PyAudioMicrophone
+from dualrec.timebase import ClockWatcher, Timebase
+from gatewaybox import Box, Sealed, wait_until
+from helpers import ROOT, small_board, write_site
+
+# Real-time devices (a pty read by pyserial, PortAudio, an encoder): one xdist worker.
+pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("timing")]
+
+NS = 1_000_000_000
+FAKES = str(ROOT / "tests" / "fakes")
+
+
+def session_segments(sealed: list[Sealed]) -> list[Sealed]:
+    return [s for s in sealed if s.header["session"]]
+
+
+def first_event(sealed: list[Sealed], kind: str, device: str) -> tuple[int, dict]:
+    """(seq, event) of the first `kind` event of `device` on record."""
+    for s in sealed:
+        for e in s.events:
+            if e["kind"] == kind and e["detail"].get("device") == device:
+                return s.header["seq"], e
+    raise AssertionError(f"no {kind} of {device} on record")
+
+
+def assert_recorded_from_start(box: Box, sealed: list[Sealed], *, video: bool, audio: bool,
+                               missing: str) -> None:
+    """The session began within a second of the start, its first segment says which stream
+    is missing, and every segment recorded while the device was absent has the others."""
+    seg = session_segments(sealed)
+    first = seg[0]
+    assert first.header["session_index"] == 0
+    assert first.header["start"]["mono_ns"] - box.started_ns < NS
+    notes = [e["detail"] for e in first.events if e["kind"] == "stream_missing"]
+    assert [n["device"] for n in notes] == [missing], first.events
+    for s in seg:
+        assert (s.frames > 0) == video or s.header["final"], s.header["streams"]
+        assert (s.samples > 0) == audio or s.header["final"], s.header["streams"]
+
+
+# --- the serial port ------------------------------------------------------------------------
+
+
+def test_serial_port_absent_at_start_joins_when_the_pty_appears(tmp_path, key_files):
+    """Tried: the gateway started with its serial port a path that does not exist; about 10 s
+    later the path appears (a symlink to a fresh pseudo-terminal, as udev makes for a USB
+    adapter plugged in late) and the terminal writes two lines.
+    Asserted: the run did not end; video and audio are sealed from the first second in 2 s
+    segments; a `fault` {device: oplog} is on record before the first session segment, which
+    says the oplog stream is missing; the fault LED shows the oplog pattern while it lasts;
+    `fault_cleared` follows once the port opens, the lines written then are sealed byte for
+    byte, the LED goes dark, and the chain verifies."""
+    link = tmp_path / "ttyCOUNTER"
+    box = Box(tmp_path, key_files, port=str(link)).start()
+    master = slave = -1
+    try:
+        panel = box.gw.devices.panel
+        wait_until(lambda: panel.fault_pattern == "oplog", 30, "the oplog pattern", box)
+        # Recording goes on meanwhile: segments with video and audio keep being sealed.
+        wait_until(lambda: len(session_segments(box.sealed())) >= 3, 60, "3 sealed segments",
+                   box)
+        wait_until(lambda: time.monotonic_ns() - box.started_ns >= 10 * NS, 30, "10 s")
+        master, slave = os.openpty()
+        link.symlink_to(os.ttyname(slave))
+        wait_until(lambda: box.gw.runners["oplog"].running, 60, "the port opened", box)
+        os.write(master, b"TXN 1001 OPEN\r\nTXN 1001 CLOSE\r\n")
+        wait_until(lambda: sum(len(s.lines) for s in box.sealed()) >= 2, 60,
+                   "the lines sealed", box)
+        assert panel.fault_pattern is None
+    finally:
+        box.stop()
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
+    sealed = box.sealed()
+    fault_seq, fault = first_event(sealed, "fault", "oplog")
+    cleared_seq, cleared = first_event(sealed, "fault_cleared", "oplog")
+    assert "No such file" in fault["detail"]["reason"]
+    assert fault_seq < session_segments(sealed)[0].header["seq"] < cleared_seq
+    assert cleared["detail"]["gap_ns"] >= 9 * NS
+    assert_recorded_from_start(box, [s for s in sealed if s.header["seq"] < cleared_seq],
+                               video=True, audio=True, missing="oplog")
+    lines = [ln["text"] for s in sealed for ln in s.lines]
+    assert lines == ["TXN 1001 OPEN", "TXN 1001 CLOSE"]
+    box.verify()
+
+
+# --- the microphone -------------------------------------------------------------------------
+
+
+def test_microphone_absent_at_start_joins_when_it_appears(tmp_path, key_files):
+    """Tried: the gateway started with the real PortAudio microphone on alsa-lib whose
+    capture PCM cannot open (its FIFO does not exist: PortAudio lists no such input, as with
+    the USB microphone unplugged); about 4 s later the FIFO appears and an ADC-paced writer
+    feeds it.
+    Asserted: video is sealed from the first second without audio, the first session segment
+    says audio is missing, `fault` {device: microphone} then `fault_cleared` are on record,
+    and later segments hold the microphone's samples (the ramp the writer sent)."""
+    from contract.test_microphone_contract import FifoSource, alsa_env
+
+    fifo = tmp_path / "mic.fifo"
+    mic = PyAudioMicrophone(MicrophoneProfile(backend="pyaudio", device="dualrec_mic",
+                                              rate=48000, channels=1, block_frames=960))
+    source = None
+    with alsa_env(fifo):
+        box = Box(tmp_path, key_files, microphone=mic).start()
+        try:
+            panel = box.gw.devices.panel
+            wait_until(lambda: panel.fault_pattern == "microphone", 30, "the pattern", box)
+            wait_until(lambda: len(session_segments(box.sealed())) >= 1, 60, "a segment", box)
+            source = FifoSource(fifo)
+            source.start()
+            wait_until(lambda: box.gw.runners["microphone"].running, 60, "the mic joined", box)
+            wait_until(lambda: any(s.samples > 48000 for s in box.sealed()), 60,
+                       "a second of audio sealed", box)
+        finally:
+            box.stop()
+            if source is not None:
+                source.stop()
+    sealed = box.sealed()
+    fault_seq, fault = first_event(sealed, "fault", "microphone")
+    cleared_seq, _ = first_event(sealed, "fault_cleared", "microphone")
+    assert "no input device" in fault["detail"]["reason"]
+    assert fault_seq < session_segments(sealed)[0].header["seq"] < cleared_seq
+    assert_recorded_from_start(box, [s for s in sealed if s.header["seq"] < cleared_seq],
+                               video=True, audio=False, missing="microphone")
+    joined = [s for s in session_segments(sealed) if s.header["seq"] > cleared_seq]
+    assert any(s.samples > 0 and s.frames > 0 for s in joined)
+    box.verify()
+
+
+# --- the camera -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def picam_fake() -> Iterator:
+    """The picamera2 fake importable as picamera2 for one test, then gone again."""
+    sys.path.insert(0, FAKES)
+    try:
+        import picamera2
+
+        picamera2.fake_reset()
+        yield picamera2
+    finally:
+        sys.path.remove(FAKES)
+        for name in [n for n in sys.modules if n == "picamera2" or n.startswith("picamera2.")]:
+            del sys.modules[name]
+
+
+def test_camera_failing_at_start_joins_when_it_is_back(tmp_path, key_files, picam_fake):
+    """Tried: the picamera2 backend started with no camera attached (the fake lists none:
+    Picamera2() fails as on a Pi with a loose ribbon); after about 3 s the camera is there.
+    Asserted: audio is sealed from the first second, cut by time into 2 s segments though no
+    keyframe comes; the first session segment says video is missing; `fault` {device: camera}
+    and `fault_cleared` are on record; later segments hold the camera's H.264 frames."""
+    from dualrec.config import CameraProfile
+    from dualrec.devices.picamera2_camera import PiCamera
+
+    picam_fake.fake.cameras = []
+    cam = PiCamera(CameraProfile(backend="picamera2", width=640, height=480, fps=10, gop=10,
+                                 bitrate=300_000, encoder="libav"))
+    box = Box(tmp_path, key_files, camera=cam).start()
+    try:
+        panel = box.gw.devices.panel
+        wait_until(lambda: panel.fault_pattern == "camera", 30, "the camera pattern", box)
+        wait_until(lambda: len(session_segments(box.sealed())) >= 2, 60,
+                   "2 segments cut by time", box)
+        picam_fake.fake.cameras = [picam_fake.FakeSensor()]
+        wait_until(lambda: box.gw.runners["camera"].running, 60, "the camera joined", box)
+        wait_until(lambda: any(s.frames >= 10 for s in box.sealed()), 60, "video sealed", box)
+    finally:
+        box.stop()
+    sealed = box.sealed()
+    fault_seq, fault = first_event(sealed, "fault", "camera")
+    cleared_seq, _ = first_event(sealed, "fault_cleared", "camera")
+    assert "no camera" in fault["detail"]["reason"]
+    assert fault_seq < session_segments(sealed)[0].header["seq"] < cleared_seq
+    before = [s for s in session_segments(sealed) if s.header["seq"] < cleared_seq]
+    assert_recorded_from_start(box, before, video=False, audio=True, missing="camera")
+    durations = [s.header["end"]["mono_ns"] - s.header["start"]["mono_ns"] for s in before
+                 if not s.header["final"] and s.header["reason"] == "duration"]
+    assert durations and all(d == 2 * NS for d in durations)
+    assert any(s.frames > 0 for s in sealed if s.header["seq"] > cleared_seq)
+    box.verify()
+
+
+# --- worker threads -------------------------------------------------------------------------
+
+
+class Flaky:
+    """Timebase.check raising for the first `fails` calls (or forever with None)."""
+
+    def __init__(self, check, fails: int | None) -> None:
+        self.check, self.fails, self.calls = check, fails, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.fails is None or self.calls <= self.fails:
+            raise ZeroDivisionError(f"injected failure {self.calls}")
+        return self.check()
+
+
+def test_worker_exception_is_logged_once_on_record_and_retried(tmp_path, key_files, caplog):
+    """Tried: the clock watcher's check raises an unexpected ZeroDivisionError twice in a row.
+    Asserted: one ERROR with the traceback (the repeat is a one-line warning), a `fault`
+    {device: internal, part: clock-watch} on record, the fault LED's internal pattern, the
+    watcher retried and checking again, `fault_cleared` once it kept running, recording
+    unaffected (video and audio sealed throughout)."""
+    caplog.set_level(logging.WARNING, logger="dualrec.devices.runtime")
+    box = Box(tmp_path, key_files)
+    box.gw.supervisor.clear_after_s = 2.0
+    flaky = Flaky(box.gw.timebase.check, fails=2)
+    box.gw.timebase.check = flaky
+    box.start()
+    try:
+        panel = box.gw.devices.panel
+        wait_until(lambda: panel.fault_pattern == "internal", 30, "the internal pattern", box)
+        wait_until(lambda: flaky.calls >= 6, 60, "checks after the retries", box)
+        wait_until(lambda: panel.fault_pattern is None, 60, "the LED dark again", box)
+        wait_until(lambda: any("fault_cleared" in s.kinds("internal") for s in box.sealed()),
+                   60, "fault_cleared sealed", box)
+    finally:
+        box.stop()
+    tracebacks = [r for r in caplog.records if r.exc_info and "clock-watch" in r.getMessage()]
+    assert len(tracebacks) == 1 and tracebacks[0].exc_info[0] is ZeroDivisionError
+    sealed = box.sealed()
+    _, fault = first_event(sealed, "fault", "internal")
+    assert fault["detail"]["part"] == "clock-watch"
+    assert "injected failure 1" in fault["detail"]["reason"]
+    assert all(s.frames > 0 and s.samples > 0 for s in session_segments(sealed)
+               if not s.header["final"])
+    box.verify()
+
+
+def test_worker_that_cannot_recover_stops_the_gateway_non_zero(tmp_path, key_files):
+    """Tried: the clock watcher's check raises every time, and the supervisor gives a worker
+    up after 3 failures. Asserted: the gateway stops by itself, says why (gw.fatal), puts a
+    fatal fault on record, and what was recorded is sealed and verifies."""
+    box = Box(tmp_path, key_files)
+    box.gw.supervisor.fatal_after = 3
+    box.gw.supervisor.backoff = (0.2, 0.4)
+    box.gw.timebase.check = Flaky(box.gw.timebase.check, fails=None)
+    box.start()
+    wait_until(lambda: not box.running(), 60, "the gateway to give up")
+    box.stop()
+    assert box.gw.fatal and "clock-watch cannot recover after 3" in box.gw.fatal
+    fatal = [e for s in box.sealed() for e in s.events
+             if e["kind"] == "fault" and e["detail"].get("fatal")]
+    assert [e["detail"]["part"] for e in fatal] == ["clock-watch"]
+    box.verify()
+
+
+def test_clock_watcher_stop_before_start_does_not_raise():
+    """Tried: stop() on a watcher never started (a device failed before it). Asserted: no
+    RuntimeError('cannot join thread before it is started') hides the first error."""
+    ClockWatcher(Timebase(), lambda ev: None).stop()
+
+
+# --- the whole process, as a technician runs it ---------------------------------------------
+
+
+def test_run_without_its_serial_port_records_and_exits_zero(tmp_path, key_files):
+    """Tried: `dualrec run --duration 5` with the site's serial port missing (the adapter in
+    the wrong USB socket). Asserted: exit status 0, no traceback, one ERROR line naming the
+    port, segments with video and audio sealed, and the fault in them."""
+    board = small_board(tmp_path)
+    site = write_site(tmp_path / "site.toml", key_files, port=str(tmp_path / "ttyMISSING"),
+                      extra='min_free_mb = 0\n\n[recording]\nmode = "continuous"\n'
+                            "segment_ms = 2000\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "firmware")}
+    env.pop("NOTIFY_SOCKET", None)
+    done = subprocess.run([sys.executable, "-m", "dualrec.cli", "run", "--board", str(board),
+                           "--site", str(site), "--duration", "5"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if " ERROR " in ln]
+    assert errors and all("ttyMISSING" in ln for ln in errors), done.stderr
+    assert "sealed" in done.stdout
+    spool = tmp_path / "spool"
+    assert len(list(spool.glob("*.hdr.json"))) >= 2
+
