@@ -237,6 +237,17 @@ def sessions(spool: Path) -> None:
         click.echo(f"unreadable headers: {', '.join(unreadable)}", err=True)
 
 
+@main.command()
+@click.argument("out", type=DIRECTORY)
+def vectors(out: Path) -> None:
+    """Write the conformance vectors of docs/FORMAT.md §9 to OUT: cases/NAME (device
+    directories), keys/ (device.pub, other.pub, branch.agekey) and expected.json."""
+    from dualrec_tools.vectors import generate
+
+    expected = generate(out)
+    click.echo(f"wrote {len(expected)} vectors to {out}/cases with {out}/expected.json")
+
+
 # --- tap (the Pico serial tap: flash, verify, fetch-deps, monitor; dualrec_tools/tap.py) -------
 
 main.add_command(tap)
