@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from dualrec.config import MicrophoneProfile
 from dualrec.devices.pyaudio_microphone import PyAudioMicrophone
+from dualrec.diag import check_gateway
 from dualrec.timebase import ClockWatcher, Timebase
 from gatewaybox import Box, Sealed, wait_until
 from helpers import ROOT, small_board, write_site
@@ -65,15 +67,17 @@ def test_serial_port_absent_at_start_joins_when_the_pty_appears(tmp_path, key_fi
     adapter plugged in late) and the terminal writes two lines.
     Asserted: the run did not end; video and audio are sealed from the first second in 2 s
     segments; a `fault` {device: oplog} is on record before the first session segment, which
-    says the oplog stream is missing; the fault LED shows the oplog pattern while it lasts;
-    `fault_cleared` follows once the port opens, the lines written then are sealed byte for
-    byte, the LED goes dark, and the chain verifies."""
+    says the oplog stream is missing; the fault LED shows the oplog pattern and `diag` the
+    fault while it lasts; `fault_cleared` follows once the port opens, the lines written then
+    are sealed byte for byte, the LED goes dark, diag passes, and the chain verifies."""
     link = tmp_path / "ttyCOUNTER"
     box = Box(tmp_path, key_files, port=str(link)).start()
     master = slave = -1
     try:
         panel = box.gw.devices.panel
         wait_until(lambda: panel.fault_pattern == "oplog", 30, "the oplog pattern", box)
+        diag = wait_until(lambda: check_gateway(box.gw.site), 30, "the status file", box)
+        assert not diag.ok and diag.detail.count("oplog: ") == 1 and str(link) in diag.detail
         # Recording goes on meanwhile: segments with video and audio keep being sealed.
         wait_until(lambda: len(session_segments(box.sealed())) >= 3, 60, "3 sealed segments",
                    box)
@@ -85,11 +89,13 @@ def test_serial_port_absent_at_start_joins_when_the_pty_appears(tmp_path, key_fi
         wait_until(lambda: sum(len(s.lines) for s in box.sealed()) >= 2, 60,
                    "the lines sealed", box)
         assert panel.fault_pattern is None
+        assert check_gateway(box.gw.site).ok
     finally:
         box.stop()
         for fd in (master, slave):
             if fd >= 0:
                 os.close(fd)
+    assert check_gateway(box.gw.site) is None  # stopped: diag knows no gateway runs
     sealed = box.sealed()
     fault_seq, fault = first_event(sealed, "fault", "oplog")
     cleared_seq, cleared = first_event(sealed, "fault_cleared", "oplog")
@@ -298,3 +304,88 @@ def test_run_without_its_serial_port_records_and_exits_zero(tmp_path, key_files)
     spool = tmp_path / "spool"
     assert len(list(spool.glob("*.hdr.json"))) >= 2
 
+
+
+# --- systemd: READY, STOPPING and the watchdog ---------------------------------------------
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notify socket; keeps every message."""
+
+    def __init__(self) -> None:
+        import socket
+        import tempfile
+        import threading
+
+        self.dir = Path(tempfile.mkdtemp(prefix="dr-notify-", dir="/tmp"))  # sun_path <= 107
+        self.path = self.dir / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+        self.dir.rmdir()
+
+
+def test_watchdog_fed_only_while_healthy(tmp_path, key_files, monkeypatch):
+    """Tried: the gateway under a notify socket with WatchdogSec=1 s; then the clock watcher
+    hangs inside a check (alive, not progressing, no fault on record), then is released.
+    Asserted: READY=1 comes first, WATCHDOG=1 follows while healthy; once the hang is seen
+    the status says unhealthy and no WATCHDOG=1 is sent until the status says recording
+    again; STOPPING=1 is the last message."""
+    import threading
+
+    import dualrec.gateway as gateway_mod
+
+    notify = NotifySocket()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setattr(gateway_mod, "CLOCK_STALL_S", 1.5)
+    box = Box(tmp_path, key_files)
+    hang, release = threading.Event(), threading.Event()
+    check = box.gw.timebase.check
+
+    def maybe_hang():
+        if hang.is_set():
+            release.wait(60)
+            hang.clear()
+        return check()
+
+    box.gw.timebase.check = maybe_hang
+    box.start()
+    try:
+        wait_until(lambda: notify.messages.count("WATCHDOG=1") >= 3, 60, "3 pings", box)
+        hang.set()
+        wait_until(lambda: any(m.startswith("STATUS=unhealthy") for m in notify.messages), 60,
+                   "the hang seen", box)
+        release.set()
+        wait_until(lambda: "STATUS=recording" in notify.messages[
+            next(i for i, m in enumerate(notify.messages) if m.startswith("STATUS=unhealthy")):],
+            60, "healthy again", box)
+        wait_until(lambda: notify.messages[-1] == "WATCHDOG=1", 60, "pings again", box)
+    finally:
+        box.stop()
+        notify.close()
+    msgs = notify.messages
+    assert msgs[0] == "READY=1" and msgs[-1] == "STOPPING=1"
+    bad = next(i for i, m in enumerate(msgs) if m.startswith("STATUS=unhealthy"))
+    good = next(i for i, m in enumerate(msgs) if i > bad and m == "STATUS=recording")
+    assert "clock watcher not checking" in msgs[bad]
+    assert "WATCHDOG=1" not in msgs[bad:good]
+    assert "WATCHDOG=1" in msgs[1:bad] and "WATCHDOG=1" in msgs[good:]

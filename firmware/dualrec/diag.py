@@ -169,6 +169,32 @@ def check_receiver(site: SiteConfig) -> Check:
                  f"{st.get('highest_seq')}, {len(st.get('waiting', []))} waiting")
 
 
+def check_gateway(site: SiteConfig) -> Check | None:
+    """The faults the running gateway has on record now (its status file), or None when no
+    gateway runs (no file, or one left by a gateway that is gone)."""
+    import json
+    import os
+
+    from dualrec.supervision import STATUS_NAME
+
+    path = site.spool.state.parent / STATUS_NAME
+    try:
+        doc = json.loads(path.read_text())
+        os.kill(int(doc["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    faults = doc.get("faults", [])
+    if not faults:
+        return Check("gateway", True, f"running (pid {doc['pid']}), no fault")
+    now = time.monotonic_ns()
+    listed = "; ".join(f"{f['key']}: {f['reason']} (for {(now - f['since_mono_ns']) // 10**9} s)"
+                       for f in faults)
+    return Check("gateway", False, f"running (pid {doc['pid']}) with {len(faults)} fault(s): "
+                 f"{listed}")
+
+
 def run_all(board: BoardProfile, site: SiteConfig) -> list[Check]:
-    return [check_camera(board), check_microphone(board), check_oplog(board, site),
-            check_clock(board), check_disk(site), check_receiver(site)]
+    checks = [check_camera(board), check_microphone(board), check_oplog(board, site),
+              check_clock(board), check_disk(site), check_receiver(site)]
+    gateway = check_gateway(site)
+    return checks + ([gateway] if gateway is not None else [])

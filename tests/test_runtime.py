@@ -1,0 +1,114 @@
+"""The device runtime on its own: backoff, a device joining late, supervised threads, an event
+sink that fails."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from dualrec.devices.base import DeviceError
+from dualrec.devices.runtime import Backoff, DeviceRunner, EventEmitter, Supervisor
+from dualrec.samples import Event
+from helpers import wait_for
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets():
+    b = Backoff(1.0, 30.0)
+    assert [b.next() for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    b.reset()
+    assert b.next() == 1
+
+
+class LateDevice:
+    """start() fails `absent` times (DeviceError), then runs and delivers one sample."""
+
+    def __init__(self, absent: int) -> None:
+        self.absent = absent
+        self.starts = self.stops = 0
+
+    def start(self, sink, events) -> None:
+        self.starts += 1
+        if self.starts <= self.absent:
+            raise DeviceError(f"no such device (try {self.starts})")
+        sink("sample")
+
+    def stop(self) -> None:
+        self.stops += 1
+
+
+def test_device_runner_records_one_fault_retries_and_clears():
+    """Tried: a device absent for its first three starts. Asserted: one `fault` (the first
+    reason), retried until it runs, `fault_cleared` with the attempts, its sample delivered,
+    no fault left; stop() stops it."""
+    events: list[Event] = []
+    samples: list[str] = []
+    dev = LateDevice(absent=3)
+    runner = DeviceRunner("camera", dev, samples.append, events.append,
+                          backoff_first_s=0.05, backoff_cap_s=0.1)
+    assert runner.start() is False
+    wait_for(lambda: runner.running, 10, "the device to join")
+    runner.stop()
+    assert [e.kind for e in events] == ["fault", "fault_cleared"]
+    assert events[0].detail == {"device": "camera", "reason": "no such device (try 1)",
+                                "at": "start"}
+    assert events[1].detail["attempts"] == 4
+    assert samples == ["sample"] and runner.delivered == 1 and runner.fault is None
+    assert dev.starts == 4 and dev.stops == 3 + 1  # each failed start released, then the stop
+
+
+def test_device_runner_follows_the_device_own_faults():
+    """A fault the running device reports itself (unplugged) is its fault state until it
+    reports fault_cleared; the events go on unchanged."""
+    events: list[Event] = []
+    runner = DeviceRunner("microphone", LateDevice(0), lambda s: None, events.append)
+    runner.start()
+    runner.report(Event(1, "fault", {"device": "microphone", "reason": "unplugged"}))
+    assert runner.fault == "unplugged" and runner.healthy(10**18, 1.0)
+    runner.report(Event(2, "fault_cleared", {"device": "microphone"}))
+    assert runner.fault is None and not runner.healthy(10**18, 1.0)
+    assert [e.kind for e in events] == ["fault", "fault_cleared"]
+    runner.stop()
+
+
+def test_adopted_thread_is_retried_logged_once_and_cleared(caplog):
+    """Tried: another module's unstarted thread whose target raises KeyError twice, then
+    works until stopped. Asserted: adopted, it keeps its name; one traceback in the log, one
+    `fault` on record, the LED lit then dark, `fault_cleared` after it kept running."""
+    caplog.set_level(logging.WARNING, logger="dualrec.devices.runtime")
+    events: list[Event] = []
+    lamp: list[tuple[str, bool]] = []
+    stop = threading.Event()
+    calls = []
+
+    def target(x: int) -> None:
+        calls.append(x)
+        if len(calls) <= 2:
+            raise KeyError("boom")
+        stop.wait(30)
+
+    sup = Supervisor(events.append, lambda n, a: lamp.append((n, a)),
+                     backoff_first_s=0.05, backoff_cap_s=0.1, clear_after_s=0.2)
+    theirs = threading.Thread(target=target, args=(7,), name="uplink-headers", daemon=True)
+    mine = sup.adopt(theirs)
+    assert mine.name == "uplink-headers" and mine.daemon
+    mine.start()
+    wait_for(lambda: len(calls) == 3, 10, "the third run")
+    wait_for(lambda: (sup.poll() or True) and len(events) == 2, 10, "the fault cleared")
+    sup.stopping.set()
+    stop.set()
+    mine.join(5)
+    assert calls == [7, 7, 7]
+    assert [e.kind for e in events] == ["fault", "fault_cleared"]
+    assert events[0].detail == {"device": "internal", "part": "uplink-headers",
+                                "reason": "KeyError: 'boom'"}
+    assert lamp == [("internal:uplink-headers", True), ("internal:uplink-headers", False)]
+    assert len([r for r in caplog.records if r.exc_info]) == 1
+    assert sup.unhealthy() == []
+
+
+def test_event_emitter_never_raises_into_the_backend(caplog):
+    def broken(ev: Event) -> None:
+        raise OSError("queue gone")
+
+    EventEmitter("oplog", broken)("fault", {"device": "oplog"})
+    assert "event sink failed" in caplog.text
