@@ -523,3 +523,34 @@ def test_cli_serve_prints_listening_and_stops_on_sigterm(tmp_path: Path, world: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_hostile_and_invalid_headers_are_4xx_never_500(receiver, world: World) -> None:
+    """Tried: JSON nested 10,000 deep, a 5,000-digit integer, bytes that are not UTF-8, and
+    headers validly signed by the enrolled key that break the schema (a string width, a bool for
+    an int, 2^70, a reason outside the set). Asserted: each is a 400 `malformed` naming the
+    rule, nothing is stored, and a good header is still accepted after them."""
+    import base64
+    import json as _json
+
+    from dualrec.canonical import canonical_bytes
+
+    rx = receiver()
+    good = world.a[0]
+    fields = {k: v for k, v in _json.loads(good.header).items() if k != "sig"}
+
+    def signed(**change: object) -> bytes:
+        body = {**fields, **change}
+        sig = base64.b64encode(world.signing[DEV].sign(canonical_bytes(body))).decode()
+        return canonical_bytes({**body, "sig": sig})
+
+    bodies = [b"[" * 10_000 + b"]" * 10_000, b"1" * 5000, b"\xff\xfe{}",
+              signed(streams={**fields["streams"], "video": {**fields["streams"]["video"],
+                                                             "width": "160"}}),
+              signed(final=1), signed(seq=2**70), signed(reason="bogus")]
+    with client(rx, world) as c:
+        answers = [put_header(c, Seg(0, body, b"")) for body in bodies]
+        ok = put_header(c, good)
+    assert [(r.status_code, r.json()["error"]) for r in answers] == [(400, "malformed")] * 7
+    assert ok.status_code in (200, 201, 202), ok.text
+    assert rx.store.status(DEV)["headers"] == 1

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dualrec.devices.base import AudioFormat, VideoFormat
 from dualrec.recorder import Recorder
 from dualrec.samples import AudioBlock, Event, LogLine, VideoPacket
@@ -113,3 +116,73 @@ def test_split_audio_is_sample_exact():
     head, tail = split_audio(b, 1000 + 3 * S // RATE + 1, RATE, 1)
     assert head.frames == 4 and tail.frames == 6 and head.pcm + tail.pcm == b.pcm
     assert tail.t_mono_ns == 1000 + 4 * S // RATE
+
+
+def _inside(seg: Segment) -> list[str]:
+    """Every sample of the segment that lies outside its [start, end) (FORMAT.md §5.3)."""
+    bad = [f"{type(s).__name__} at {s.t_mono_ns}" for s in seg.video + seg.lines + seg.events
+           + seg.audio if not seg.start_ns <= s.t_mono_ns < seg.end_ns]
+    if seg.end_ns <= seg.start_ns:
+        bad.append(f"empty span {seg.start_ns}..{seg.end_ns}")
+    return bad
+
+
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300), st.sampled_from(
+    ["", "tamper", "clock_step", "button"])), min_size=1, max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_every_sample_lies_inside_its_segment(plan: list[tuple[int, int, str]]) -> None:
+    """Tried: transactions whose start and end lines come at arbitrary 100 ms steps (back to
+    back, inside pre- and post-roll, while a cut is in its grace), with tamper, clock-step and
+    button events mixed in. Asserted: every frame, audio block, line and event of every sealed
+    segment lies in that segment's [start, end), and no segment is empty; a session's final
+    cut moves out what was filed past it (the box once sealed a frame 0.66 ms past the end)."""
+    rig = Rig(postroll_ns=S // 3)
+    t = 3 * S
+    events = []
+    for gap, length, event in plan:
+        t += gap * S // 100
+        rig.lines.append((t, f"BEGIN {t}"))
+        if event:
+            events.append((t + length * S // 200, event))
+        t += length * S // 100
+        rig.lines.append((t, f"END {t}"))
+    end = t + 5 * S
+    for when, kind in sorted(events):
+        rig.run_until(when)
+        rig.rec.handle(Event(when, kind, {}), rig.t)
+    rig.run_until(end)
+    rig.rec.shutdown(rig.t)
+    assert rig.out, "nothing was sealed"
+    for seg in rig.out:
+        assert not _inside(seg), (seg.session, seg.index, seg.reason, _inside(seg)[:3])
+
+
+def test_final_cut_moves_out_what_was_filed_past_it() -> None:
+    """A final cut chosen after frames beyond it were already filed (the post-roll ended
+    between two recorder passes): those frames are not in the final segment, and a log line
+    past the cut goes back to the recorder instead of into the ended session."""
+    spilled: list = []
+    out: list[Segment] = []
+    seg = Segmenter(segment_ns=10 * S, video_format=VF, audio_format=AF, emit=out.append)
+    seg.set_spill(spilled.append)
+    seg.open("s", 0)
+    for k in range(20):
+        seg.add(VideoPacket(k * S // 10, b"f", k % 10 == 0, k))
+        seg.add(AudioBlock(k * S // 10, b"\0\0" * BLOCK, BLOCK))
+    seg.add(LogLine(1_950_000_000, b"late\r\n", "late"))
+    seg.cut(1_234_000_000, "session_end", final=True)
+    seg.flush()
+    assert len(out) == 1 and out[0].end_ns == 1_234_000_000
+    assert not _inside(out[0])
+    assert [x.text for x in spilled] == ["late"]
+    assert sum(b.frames for b in out[0].audio) == 1_234_000_000 * RATE // S  # split exactly
+    assert seg.dropped_media > 0
+
+
+def test_a_cut_at_the_segment_start_still_gives_it_a_span() -> None:
+    out: list[Segment] = []
+    seg = Segmenter(segment_ns=10 * S, video_format=VF, audio_format=AF, emit=out.append)
+    seg.open("s", 5 * S)
+    seg.cut(5 * S, "session_end", final=True)
+    seg.flush()
+    assert out[0].start_ns == 5 * S and out[0].end_ns == 5 * S + 1

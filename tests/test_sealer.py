@@ -129,3 +129,38 @@ def test_crash_between_steps_neither_forks_nor_gaps(tmp_path, device_key, age_id
     s3 = sealer.seal(make_segment(index=3))
     assert s3.seq == 3 and s3.header["prev"] == header_hash(s2.header_path.read_bytes())
     assert s0.seq == 0
+
+
+def test_sealer_refuses_to_sign_a_header_the_format_forbids(tmp_path, device_key, age_identity):
+    """A segment whose header would break the schema (a session id of the wrong form, a final
+    segment cut for `duration`) is refused with SealError before anything is written, and the
+    chain does not move: the next valid segment takes the seq."""
+    sealer = make_sealer(tmp_path / "spool", tmp_path / "state.db", device_key, age_identity)
+    bad_id = make_segment(session="S1")
+    bad_final = make_segment(final=True)
+    bad_final.reason = "duration"
+    for seg in (bad_id, bad_final):
+        with pytest.raises(SealError, match="refusing to sign an invalid header"):
+            sealer.seal(seg)
+    assert list((tmp_path / "spool").iterdir()) == []
+    assert sealer.seal(make_segment()).seq == 0
+
+
+def test_receipt_with_a_bool_for_format_is_refused(device_key):
+    """The box's receipt check uses the schema: `"format": true` equals 1 in Python, and was
+    once accepted."""
+    import base64
+
+    from dualrec.canonical import canonical_bytes
+    from dualrec.receipt import ReceiptError, sign_receipt, verify_receipt
+
+    args = dict(device="test-0001", seq=3, header_sha256="a" * 64, payload_sha256="b" * 64)
+    good = sign_receipt(**args, payload_size=10, received_utc_ns=1, receiver="branch",
+                        key=device_key)
+    assert verify_receipt(good, device_key.public_key(), **args)["seq"] == 3
+    fields = {k: v for k, v in __import__("json").loads(good).items() if k != "sig"}
+    fields["format"] = True
+    sig = base64.b64encode(device_key.sign(canonical_bytes(fields))).decode()
+    forged = canonical_bytes({**fields, "sig": sig})
+    with pytest.raises(ReceiptError, match="schema"):
+        verify_receipt(forged, device_key.public_key(), **args)

@@ -172,7 +172,7 @@ class PayloadRef(_Strict):
 
 
 class Header(_Strict):
-    format: Literal[1]
+    format: Annotated[int, Field(ge=1, le=1)]  # an int: Literal[1] would take true
     device: str
     boot_id: str
     firmware: str
@@ -305,7 +305,7 @@ class LineRecord(_Strict):
 
 
 class Receipt(_Strict):
-    format: Literal[1]
+    format: Annotated[int, Field(ge=1, le=1)]  # an int: Literal[1] would take true
     device: str
     seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
     header_sha256: str
