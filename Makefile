@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench soak clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python -m tests.bench.run
+
+# Not part of `make test` (tests/test_soak_short.py is its short version). Needs root (tmpfs).
+soak: setup
+	$(BIN)/python -m tests.soak.run
 
 clean:
 	rm -rf $(VENV) run .pytest_cache

@@ -14,7 +14,9 @@ success on a failed final flush.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ from dualrec.segment_format import (
     sign_header,
 )
 from dualrec.timebase import Timebase
+
+# Space on the spool's filesystem that segments never take: room for the spool's and chain
+# state's SQLite (a receipt and a state update are a few 4 KiB WAL pages each).
+BOOKKEEPING_RESERVE = 128 * 1024
 
 
 class SealError(RuntimeError):
@@ -170,6 +176,7 @@ class Sealer:
         payload_path = self.spool_dir / payload_name(seq)
         header_path = self.spool_dir / header_name(seq)
         try:
+            self._check_room(len(ciphertext) + len(header_bytes))
             write_durable(payload_path, ciphertext, expected_size=expected)
             try:
                 write_durable(header_path, header_bytes)
@@ -186,6 +193,18 @@ class Sealer:
             self._lag = (seq, header_bytes)
             self.lag_error = exc
         return Sealed(seq, {**fields}, header_path, payload_path)
+
+    def _check_room(self, size: int) -> None:
+        """Refuse to take the spool's last BOOKKEEPING_RESERVE bytes: with the disk filled to
+        the last block by segments, the uplink could not record a receipt (SQLite needs room
+        in its WAL), so it could never delete a delivered segment and free space: the box
+        would stay full for good. Raised as ENOSPC, like the write itself would fail."""
+        st = os.statvfs(self.spool_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < size + BOOKKEEPING_RESERVE:
+            raise WriteError(errno.ENOSPC, f"No space left on device for a segment of {size} "
+                             f"bytes: {free} bytes free, {BOOKKEEPING_RESERVE} kept for the "
+                             "spool's bookkeeping")
 
     def close(self) -> None:
         self._age.close()
