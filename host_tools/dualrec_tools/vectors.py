@@ -112,6 +112,9 @@ def _session_segment(session: str, index: int, origin: int, seconds: int, final:
                                                       "preroll_ns": NS // 2}))
     if final:
         seg.events.append(Event(seg.end_ns - 1, "session_stop", {"trigger": "oplog"}))
+    if "reason" in tweak:  # cut early by that event, just after it
+        seg.reason = tweak["reason"]
+        seg.events.append(Event(seg.end_ns - 1, tweak["reason"], {}))
     return seg
 
 
@@ -420,6 +423,10 @@ VECTORS: list[Vector] = [
            _reseal(lambda: [*_base_segments()[:3],
                             _session_segment(SB, 0, T0 + 10 * NS, 2, True,
                                              line_t=T0 + 13 * NS)])),
+    Vector("good-after-early-cut", "§5.4", "after a tamper cut the video continues its GOP",
+           "VERIFIED", [], ID,
+           _reseal(lambda: [_session_segment(SA, 0, T0, 2, False, reason="tamper"),
+                            _session_segment(SA, 1, T0, 2, True, skip_first_key=True)])),
     Vector("content-keyframe", "§5.4", "the video starts on a non-keyframe", "FAILED",
            ["content_keyframe"], ID,
            _reseal(lambda: [*_base_segments()[:3],

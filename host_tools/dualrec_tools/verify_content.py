@@ -24,6 +24,7 @@ from dualrec.schema import ClockJson, EventRecord, LineRecord, SchemaError, vali
 from dualrec_tools.verify import HeaderFile, Problem, finding
 
 MEMBERS = ("clock.json", "events.jsonl", "oplog.jsonl", "media.mkv")
+EARLY_CUTS = frozenset({"tamper", "power_fail", "clock_step"})
 MEDIA_SLACK_NS = 500_000  # Matroska stores milliseconds: a stamp may round by half of one
 MAX_PLAINTEXT = 1 << 31  # what one segment can hold; more is refused before decrypting
 
@@ -63,9 +64,17 @@ def check_contents(chain: dict[int, HeaderFile], identities: Sequence[Any],
     for seq, hf in sorted(chain.items()):
         if hf.header is None or hf.payload is None or seq in skip or hf.file_seq != seq:
             continue
+        before = chain.get(seq - 1)
+        h = hf.header
+        # After an early cut (tamper, power fail, clock step: at the event's instant, not at a
+        # keyframe) a segment's video continues the previous one's GOP (FORMAT.md §5.4).
+        continues_gop = (h["session_index"] > 0 and before is not None
+                         and before.header is not None
+                         and before.header["session"] == h["session"]
+                         and before.header["reason"] in EARLY_CUTS)
         try:
-            check_payload(hf.header, hf.payload.read_bytes(), identities,
-                          origins.get(hf.header["session"]))
+            check_payload(h, hf.payload.read_bytes(), identities, origins.get(h["session"]),
+                          keyframe_first=not continues_gop)
         except ContentError as exc:
             out.append(finding(exc.kind, seq, str(exc)))
         except OSError as exc:
@@ -74,7 +83,7 @@ def check_contents(chain: dict[int, HeaderFile], identities: Sequence[Any],
 
 
 def check_payload(h: dict[str, Any], ciphertext: bytes, identities: Sequence[Any],
-                  origin: int | None) -> None:
+                  origin: int | None, keyframe_first: bool = True) -> None:
     """Raise ContentError for the first way the payload breaks the header's claims."""
     try:
         plaintext = pyrage.decrypt(ciphertext, list(identities))
@@ -96,7 +105,7 @@ def check_payload(h: dict[str, Any], ciphertext: bytes, identities: Sequence[Any
     if media is not None:
         # origin None: the session's first segment is not in the directory, so media times
         # cannot be placed (FORMAT.md §6.3); everything else is still checked
-        check_media(h, media, origin)
+        check_media(h, media, origin, keyframe_first)
 
 
 def read_tar(plaintext: bytes, h: dict[str, Any]) -> dict[str, bytes]:
@@ -223,7 +232,8 @@ def _check_session_events(h: dict[str, Any], events: list[dict[str, Any]]) -> No
                            "no such event")
 
 
-def check_media(h: dict[str, Any], media: bytes, origin: int | None) -> None:
+def check_media(h: dict[str, Any], media: bytes, origin: int | None,
+                keyframe_first: bool = True) -> None:
     """media.mkv against the header: streams, formats, counts, times, first keyframe."""
     v, a = h["streams"]["video"], h["streams"]["audio"]
     try:
@@ -264,7 +274,7 @@ def check_media(h: dict[str, Any], media: bytes, origin: int | None) -> None:
         raise
     except Exception as exc:  # PyAV raises its own error types for a broken file
         raise ContentError("content_media", f"media.mkv cannot be read ({exc})") from None
-    if first_video is False:
+    if first_video is False and keyframe_first:
         raise ContentError("content_keyframe", "the first video packet is not a keyframe")
     for what, got, want in (("video frames", frames, v["frames"]),
                             ("keyframes", keyframes, v["keyframes"]),
