@@ -407,3 +407,50 @@ def test_stop_while_sealing_fails_is_bounded_and_exact(tmp_path: Path, tmpfs, de
     summary = lines[-1].getMessage()
     assert "4 segment(s) unsealed" in summary and f"{S1} #0..#3" in summary
     assert scan_dir(mnt / "spool") == {}
+
+
+# --- 5. a restart while the state database still cannot be written ----------------------------
+
+
+def test_restart_with_unwritable_state_adopts_later(tmp_path: Path, tmpfs, device_key,
+                                                    age_identity, key_files) -> None:
+    """Tried: seq 1's header is committed while the chain state (on a full tmpfs) cannot record
+    it, and the process ends there (as a kill would); the box restarts with the state's disk
+    still full. Asserted: the start does not fail; the session left open is seen at its true
+    next index (2, not 1 again); after space returns, the closing segment becomes seq 2 (seq 1
+    neither resealed nor skipped) and the spool verifies as one chain 0..2."""
+    mnt = tmpfs("1m")
+    spool_dir, state = tmp_path / "spool", mnt / "state.db"
+    recipient = str(age_identity.to_public())
+
+    def sealer_on(chain: ChainState) -> Sealer:
+        return Sealer(device_id="test-0001", key=device_key, recipients=[recipient],
+                      spool_dir=spool_dir, chain=chain, timebase=Timebase(), boot_id=BOOT_A)
+
+    chain = ChainState(state)
+    sealer = sealer_on(chain)
+    segs = session(3)
+    sealer.seal(segs[0])
+    filler = fill(mnt)
+    sealer.seal(segs[1])
+    assert sealer.lagging and chain.head().next_seq == 1  # committed, not in the state
+    sealer.close()
+    chain.close()
+
+    chain = ChainState(state)  # the restart, the disk still full
+    sealer = sealer_on(chain)
+    try:
+        sealer.recover()
+        assert sealer.lagging
+        left = sealer.open_session()
+        assert left is not None and left[0] == S1 and left[2] == 2
+        filler.unlink()
+        closing = Segment(S1, left[2], T0, T0 + 2 * 10**9, end_ns=T0 + 2 * 10**9 + 1,
+                          reason="interrupted", final=True,
+                          events=[Event(T0 + 2 * 10**9, "session_interrupted", {})])
+        assert sealer.seal(closing).seq == 2
+        assert chain.head().next_seq == 3 and not sealer.lagging
+    finally:
+        sealer.close()
+        chain.close()
+    assert_chain(spool_dir, key_files["device_pub"], 3)

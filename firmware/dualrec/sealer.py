@@ -14,6 +14,7 @@ success on a failed final flush.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -36,6 +37,7 @@ from dualrec.segment_format import (
     age_header_length,
     header_hash,
     header_name,
+    parse_header,
     payload_name,
     scan_dir,
     sign_header,
@@ -92,18 +94,54 @@ class Sealer:
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def recover(self) -> tuple[list[int], list[Path]]:
-        """After a crash: adopt committed headers, remove payloads of uncommitted seqs."""
-        adopted = self._chain.reconcile(self.spool_dir)
+        """After a crash: adopt committed headers, remove payloads of uncommitted seqs.
+
+        A state database that cannot be written right now (full, read-only, I/O errors) does
+        not stop the start: the one committed header it misses becomes the lag that catch_up()
+        records before any new seq is issued. A spool that cannot be cleaned keeps its stray
+        files (the next seal of that seq replaces an uncommitted payload)."""
+        try:
+            adopted = self._chain.reconcile(self.spool_dir)
+        except Exception as exc:
+            self._defer_adoption(exc)
+            adopted = []
         next_seq = self._chain.head().next_seq
         removed = []
         for seq, files in scan_dir(self.spool_dir).items():
             if seq >= next_seq and files.payload is not None and files.header is None:
-                files.payload.unlink()
-                removed.append(files.payload)
+                with contextlib.suppress(OSError):
+                    files.payload.unlink()
+                    removed.append(files.payload)
         for tmp in self.spool_dir.glob(".*.tmp"):
-            tmp.unlink()
-            removed.append(tmp)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
         return adopted, removed
+
+    def open_session(self) -> tuple[str, str, int, int, int] | None:
+        """The session a crash left open, as ChainState.open_session() gives it, counting the
+        committed header the state has not adopted yet (its session index is taken)."""
+        if self._lag is None:
+            return self._chain.open_session()
+        h = parse_header(self._lag[1])
+        if h["final"]:
+            return None
+        return (h["session"], h["boot_id"], h["session_index"] + 1, h["end"]["mono_ns"],
+                h["end"]["utc_ns"])
+
+    def _defer_adoption(self, exc: Exception) -> None:
+        """Keep the committed header the state could not adopt as the lag, if it is exactly
+        the next one and links to the state; anything else is not a write failure: raise."""
+        head = self._chain.head()
+        spool = scan_dir(self.spool_dir)
+        files = spool.get(head.next_seq)
+        if files is None or files.header is None or head.next_seq + 1 in spool:
+            raise exc
+        data = files.header.read_bytes()
+        if parse_header(data)["prev"] != head.prev:
+            raise exc
+        self._lag = (head.next_seq, data)
+        self.lag_error = exc
 
     @property
     def lagging(self) -> bool:
