@@ -21,6 +21,7 @@ from dualrec.chain import ChainState
 from dualrec.config import BoardProfile, SiteConfig
 from dualrec.devices.base import DeviceError
 from dualrec.devices.factory import Devices, build_devices
+from dualrec.devices.runtime import Backoff, DeviceRunner, Supervisor
 from dualrec.recorder import Recorder
 from dualrec.samples import Event, Sample
 from dualrec.seal_worker import SealWorker, Stats
@@ -28,17 +29,29 @@ from dualrec.sealer import Sealer
 from dualrec.segment import Segment
 from dualrec.segmenter import Segmenter
 from dualrec.spool import Spool
+from dualrec.supervision import STATUS_NAME, STREAMS, ClockHealth, FaultBoard, WatchdogFeeder
 from dualrec.timebase import ClockWatcher, Timebase
 
 log = logging.getLogger("dualrec.gateway")
 
 QUOTA_CHECK_NS = 1_000_000_000
 # The fault LED shows the most urgent fault; the panel maps a name to a blink pattern.
-FAULT_PRIORITY = ("seal", "spool_full", "quarantine", "uplink")
+FAULT_PRIORITY = ("seal", "internal", "spool_full", "camera", "microphone", "oplog", "clock",
+                  "quarantine", "uplink")
+# Health figures for the watchdog (generous: a busy Pi must not be restarted for being slow).
+SOURCE_STALL_S = 10.0  # a camera or microphone running with no sample and no recorded fault
+CLOCK_STALL_S = 10.0
+SEAL_STUCK_S = 120.0  # segments waiting, none sealed, and no recorded sealing fault
+QUEUE_BACKLOG = 20_000  # samples waiting for the recorder loop
+CLOCK_POLL_NS = 5_000_000_000
+EXIT_FATAL = 70  # EX_SOFTWARE: a part could not recover; systemd restarts the process
 
 
 class FaultLamp:
-    """Several parts report faults; the one LED shows the most urgent still active."""
+    """Several parts report faults; the one LED shows the most urgent still active.
+
+    A name is a pattern name, optionally with ":part" (two threads failing are two faults of
+    one pattern; the lamp goes dark only when both cleared)."""
 
     def __init__(self, set_fault: Callable[[str | None], None]) -> None:
         self._set = set_fault
@@ -48,8 +61,18 @@ class FaultLamp:
     def set(self, name: str, active: bool) -> None:
         with self._lock:
             (self._active.add if active else self._active.discard)(name)
-            shown = next((n for n in FAULT_PRIORITY if n in self._active), None)
-        self._set(shown)
+            patterns = {n.split(":")[0] for n in self._active}
+            shown = next((n for n in FAULT_PRIORITY if n in patterns), None)
+            if shown is None and patterns:
+                shown = min(patterns)  # a name without a pattern: the panel shows it steady
+        try:
+            self._set(shown)
+        except Exception:  # a failing panel must not take the reporting part down with it
+            log.exception("fault LED: cannot show %r", shown)
+
+    def active(self) -> set[str]:
+        with self._lock:
+            return {n.split(":")[0] for n in self._active}
 
     def reporter(self, name: str) -> Callable[[str | None], None]:
         return lambda pattern: self.set(name, pattern is not None)
@@ -116,10 +139,11 @@ class Gateway:
                  devices: Devices | None = None) -> None:
         self.board, self.site = board, site
         self.devices = devices or build_devices(board, site)
-        tb_args = {"sync_state": self.devices.sync_state} if self.devices.sync_state else {}
+        # The clock-quality source (RTC, chrony) is a device too: failing, it is a fault.
+        self.clock_health = ClockHealth(self.devices.sync_state)
         self.timebase = Timebase(source=self.devices.clock_source,
                                  step_threshold_ns=board.clock.step_threshold_ms * 1_000_000,
-                                 **tb_args)
+                                 sync_state=self.clock_health.sync_state)
         self.chain = ChainState(site.spool.state)
         self.stats = Stats()
         self.sealer = Sealer(
@@ -131,9 +155,17 @@ class Gateway:
         self.q: queue.Queue[Sample] = queue.Queue()
         panel = self.devices.panel
         self.lamp = FaultLamp(panel.set_fault)
+        self.fatal: str | None = None  # why a part could not recover: exit non-zero
+        self._fatal = threading.Event()
+        self.supervisor = Supervisor(self.q.put, None, self._on_fatal)
+        self.faults = FaultBoard(self.lamp.set, site.spool.state.parent / STATUS_NAME)
         self.sealing = SealWorker(self.sealer, self.q.put, self.lamp.reporter("seal"),
                                   self.stats,
                                   max_unsealed_bytes=site.spool.unsealed_max_mb * 2**20)
+        # The seal worker and the uplink own their threads; the supervisor remakes them
+        # (unstarted) to run the same targets under supervision.
+        if hasattr(self.sealing, "_thread"):
+            self.sealing._thread = self.supervisor.adopt(self.sealing._thread)
         self.spool = Spool(site.spool.dir, site.spool.state)
         self.quota = QuotaWatch(self.spool, site.spool.quota_mb * 2**20,
                                 site.spool.min_free_mb * 2**20)
@@ -145,6 +177,8 @@ class Gateway:
             self.uplink = Uplink(self.spool, site.uplink, site.device.id, self.q.put,
                                  self.lamp.reporter("uplink"),
                                  on_quarantine=self.lamp.reporter("quarantine"))
+            if hasattr(self.uplink, "_threads"):
+                self.uplink._threads = [self.supervisor.adopt(t) for t in self.uplink._threads]
         cam, mic = self.devices.camera, self.devices.microphone
         rec = site.recording
         self.segmenter = Segmenter(
@@ -155,12 +189,31 @@ class Gateway:
         )
         self.recorder = Recorder(
             segmenter=self.segmenter, emit=self.sealing.put, to_utc_ns=self.timebase.to_utc_ns,
-            on_recording=panel.set_recording, preroll_ns=rec.preroll_ms * 1_000_000,
+            on_recording=self._set_recording, preroll_ns=rec.preroll_ms * 1_000_000,
             postroll_ns=rec.postroll_ms * 1_000_000, max_session_ns=rec.max_session_ms * 1_000_000,
             start_patterns=site.oplog.start_patterns, stop_patterns=site.oplog.stop_patterns,
             continuous=rec.mode == "continuous",
         )
         self.watcher = ClockWatcher(self.timebase, self.q.put)
+        self.runners: dict[str, DeviceRunner] = {}
+        self._session_seen: str | None = None
+        self._next_clock_poll = 0
+        self._clock_fault: str | None = None
+        self.watchdog: WatchdogFeeder | None = None
+        self._sealed_seen = 0
+        self._seal_progress_ns = time.monotonic_ns()
+
+    def _on_fatal(self, why: str) -> None:
+        self.fatal = why
+        self._fatal.set()
+
+    def _set_recording(self, on: bool) -> None:
+        # The recording LED is the customer's notice, but a failing panel must not stop the
+        # recording it announces; the panel's fault is on record.
+        try:
+            self.devices.panel.set_recording(on)
+        except Exception:
+            log.exception("panel: cannot switch the recording LED %s", "on" if on else "off")
 
     def _recover(self) -> str | None:
         """Adopt or clean what an unclean stop left; close a session it left open and return
@@ -186,46 +239,83 @@ class Gateway:
         log.warning("closing session %s, interrupted by an unclean stop", session)
         return session
 
+    def _start_device(self, name: str, dev: object, start_args: int = 2) -> None:
+        """Start a device now or, absent or failing, record the fault and keep trying in the
+        background: recording goes on with the rest."""
+        runner = DeviceRunner(name, dev, self.q.put, self.q.put, start_args=start_args)
+        self.runners[name] = runner
+        runner.start()
+
+    def _notifier(self):  # -> dualrec.sdnotify.Notifier, or a stand-in that does nothing
+        try:
+            from dualrec.sdnotify import Notifier
+        except ImportError:
+            log.warning("no dualrec.sdnotify: systemd is not told READY or fed its watchdog")
+            return _NoNotifier()
+        return Notifier()
+
     def run(self, stop: threading.Event, duration_s: float | None = None) -> Stats:
+        notifier = self._notifier()
         interrupted = self._recover()
         self.sealing.start()
         if self.uplink is not None:
             self.uplink.start()
         d = self.devices
-        d.panel.start(self.q.put)
-        started = []
+        self._start_device("panel", d.panel, start_args=1)
         try:
-            for dev in (d.camera, d.microphone):
+            for name, dev in (("camera", d.camera), ("microphone", d.microphone),
+                              ("oplog", d.oplog)):
                 if dev is not None:
-                    dev.start(self.q.put, self.q.put)
-                    started.append(dev)
-            if d.oplog is not None:
-                d.oplog.start(self.q.put, self.q.put)
-                started.append(d.oplog)
-            self.watcher.start()
+                    self._start_device(name, dev)
+            self.watcher.start(lambda name, target: self.supervisor.start(name, target).thread)
             if interrupted is not None and self.recorder.state == "idle":
                 # The teller was mid-transaction when the box went down and the start line is
                 # gone: record again at once; the next stop line or button ends it.
                 self.recorder.start(time.monotonic_ns(), "resume", resumes=interrupted)
-            deadline = None if duration_s is None else time.monotonic() + duration_s
-            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                self._step(0.05)
+            self.faults.write()
+            self.watchdog = WatchdogFeeder(notifier, self.health_problems)
+            notifier.ready()
+            notifier.status("recording")
+            self._loop(stop, duration_s)
         finally:
-            for dev in started:
-                dev.stop()
+            notifier.stopping()
+            self.supervisor.stopping.set()
+            for name in ("oplog", "microphone", "camera"):
+                if name in self.runners:
+                    self.runners[name].stop()
             self.watcher.stop()
-            while not self.q.empty():
-                self._step(0)
+            try:
+                while not self.q.empty():
+                    self._step(0)
+            except Exception:  # what is already segmented must still go to the sealer
+                log.exception("recorder loop failed while draining at stop")
             self.recorder.shutdown(time.monotonic_ns())
             self.sealing.stop()
             self.sealer.close()
             if self.uplink is not None:
                 self.uplink.stop()
             self.spool.close()
-            d.panel.set_recording(False)
-            d.panel.stop()
+            self._set_recording(False)
+            self.runners["panel"].stop()
             self.chain.close()
+            if self.faults.status_path is not None:  # no file: diag knows no gateway runs
+                self.faults.status_path.unlink(missing_ok=True)
+            if self.fatal:
+                log.critical("stopped: %s", self.fatal)
         return self.stats
+
+    def _loop(self, stop: threading.Event, duration_s: float | None) -> None:
+        """The recorder loop, on the calling thread, under supervision like every thread."""
+        worker = self.supervisor.inline("recorder")
+        backoff = Backoff(0.5, 5.0)  # short: a SIGTERM waits for the delay to run out
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while not stop.is_set() and not self._fatal.is_set() and (
+                deadline is None or time.monotonic() < deadline):
+            try:
+                self._step(0.05)
+            except Exception as exc:
+                if not self.supervisor.step_failed(worker, exc, backoff):
+                    return
 
     def _step(self, timeout: float) -> None:
         try:
@@ -234,13 +324,80 @@ class Gateway:
             sample = None
         now = time.monotonic_ns()
         if sample is not None:
-            if isinstance(sample, Event) and sample.kind == "fault":
-                log.error("fault: %s", sample.detail)
+            if isinstance(sample, Event):
+                if sample.kind == "fault":
+                    log.error("fault: %s", sample.detail)
+                self.faults.see(sample)
             self.recorder.handle(sample, now)
         if now >= self._next_quota_check:
             self._next_quota_check = now + QUOTA_CHECK_NS
             self._check_quota(now)
         self.recorder.tick(now)
+        self._note_session_streams()
+        self._cut_without_video(now)
+        if now >= self._next_clock_poll:
+            self._next_clock_poll = now + CLOCK_POLL_NS
+            self._poll_clock(now)
+        self.supervisor.poll()
+        if self.watchdog is not None:
+            self.watchdog.tick(time.monotonic())
+
+    def _note_session_streams(self) -> None:
+        """A session that starts while a stream's device is in a fault says so in its first
+        segment: one `stream_missing` event per missing stream, at the session's origin."""
+        session = self.recorder.session
+        if session == self._session_seen:
+            return
+        self._session_seen = session
+        if session is None or not self.segmenter.active:
+            return
+        for device, f in sorted(self.faults.missing_streams().items()):
+            self.segmenter.add(Event(self.recorder.session_start_ns, "stream_missing", {
+                "device": device, "stream": STREAMS[device], "reason": f["reason"],
+                "fault_since_mono_ns": f["since_mono_ns"]}))
+
+    def _cut_without_video(self, now: int) -> None:
+        """Segments are cut at keyframes; with the camera in a fault there are none, so cut
+        by time, as for a board without a camera (the segmenter does that only when the
+        session has no video format at all)."""
+        cam = self.runners.get("camera")
+        seg = self.segmenter
+        cur = seg.cur
+        if (cam is None or cam.fault is None or cur is None or seg.cut_at is not None
+                or cur.video or now < cur.start_ns + seg.segment_ns):
+            return
+        seg.cut(cur.start_ns + seg.segment_ns, "duration")
+
+    def _poll_clock(self, now: int) -> None:
+        problem = self.clock_health.problem()
+        if problem == self._clock_fault or (problem and self._clock_fault):
+            return
+        if problem:
+            self.q.put(Event(now, "fault", {"device": "clock", "reason": problem}))
+        else:
+            self.q.put(Event(now, "fault_cleared", {"device": "clock"}))
+        self._clock_fault = problem
+
+    def health_problems(self) -> list[str]:
+        """What keeps the watchdog from being fed: every critical thread alive and making
+        progress, or in a fault that is on record."""
+        now = time.monotonic_ns()
+        problems = [f"thread {n} dead or stuck" for n in self.supervisor.unhealthy()]
+        for name in ("camera", "microphone"):
+            r = self.runners.get(name)
+            if r is not None and r.running and not r.healthy(now, SOURCE_STALL_S):
+                problems.append(f"{name}: no sample for {SOURCE_STALL_S:.0f} s and no fault")
+        if now - self.watcher.last_check_ns > CLOCK_STALL_S * 1e9:
+            problems.append("clock watcher not checking")
+        if self.q.qsize() > QUEUE_BACKLOG:
+            problems.append(f"recorder loop behind: {self.q.qsize()} samples waiting")
+        pending = self.sealing.backlog()[0] if hasattr(self.sealing, "backlog") else 0
+        if not pending or self.stats.sealed_total != self._sealed_seen:
+            self._sealed_seen, self._seal_progress_ns = self.stats.sealed_total, now
+        elif "seal" not in self.lamp.active() and now - self._seal_progress_ns > SEAL_STUCK_S * 1e9:
+            problems.append(f"sealer stuck: {pending} segment(s) waiting, none sealed for "
+                            f"{SEAL_STUCK_S:.0f} s and no fault")
+        return problems
 
     def _check_quota(self, now: int) -> None:
         change = self.quota.check()
@@ -254,3 +411,14 @@ class Gateway:
         else:
             log.warning("spool has space again: sessions may start")
             self.recorder.handle(Event(now, "fault_cleared", {"device": "spool"}), now)
+
+
+class _NoNotifier:
+    """Stands in for dualrec.sdnotify.Notifier where that module is missing."""
+
+    watchdog_interval_s = None
+
+    def ready(self) -> None: ...
+    def stopping(self) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
