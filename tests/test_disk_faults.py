@@ -454,3 +454,60 @@ def test_restart_with_unwritable_state_adopts_later(tmp_path: Path, tmpfs, devic
         sealer.close()
         chain.close()
     assert_chain(spool_dir, key_files["device_pub"], 3)
+
+
+# --- 6. the whole gateway, spool and state on one disk that fills and empties -------------------
+
+
+def test_gateway_records_through_a_full_disk(tmp_path: Path, tmpfs, key_files) -> None:
+    """Tried: the real gateway (sim camera, microphone and log, continuous 1 s segments) with
+    its spool and chain state on one 3 MiB tmpfs; after a few seals a filler takes every free
+    block, then is removed. Asserted: the gateway keeps running (its thread alive) with the
+    `seal` pattern on the fault LED; after space returns sealing resumes by itself and the LED
+    clears; at the orderly stop the spool holds one verified chain 0..N (no seq lost, sealed
+    twice or skipped) whose record carries the sealing `fault` and its `fault_cleared`."""
+    import threading
+
+    from dualrec.config import load_board
+    from dualrec.gateway import Gateway
+    from helpers import small_board, write_site
+
+    mnt = tmpfs("3m")
+    site_path = write_site(tmp_path / "site.toml", key_files, spool=mnt / "spool",
+                           extra='[recording]\nmode = "continuous"\nsegment_ms = 1000\n')
+    site_path.write_text(site_path.read_text().replace(
+        f'state = "{tmp_path / "state" / "state.db"}"', f'state = "{mnt / "state.db"}"')
+        .replace("[spool]\n", "[spool]\nquota_mb = 1000\nmin_free_mb = 0\n"))
+    site = load_site(site_path)
+    assert site.spool.state == mnt / "state.db"
+    gw = Gateway(load_board(small_board(tmp_path)), site)
+    panel = gw.devices.panel
+    stop = threading.Event()
+    runner = threading.Thread(target=gw.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        wait("two seals", lambda: gw.stats.sealed_total >= 2, 60)
+        filler = fill(mnt)
+        wait("the seal fault on the LED", lambda: panel.fault_pattern == "seal", 30)
+        before = gw.stats.sealed_total
+        assert runner.is_alive()
+        # spool files only change through the sealer: while full, at most the one in flight
+        filler.unlink()
+        wait("sealing again", lambda: gw.stats.sealed_total > before + 1, 30)
+        wait("the LED to clear", lambda: panel.fault_pattern is None, 30)
+        assert runner.is_alive()
+    finally:
+        stop.set()
+        runner.join(60)
+    assert not runner.is_alive()
+    spool = scan_dir(mnt / "spool")
+    n = len(spool)
+    assert_chain(mnt / "spool", key_files["device_pub"], n)
+    kinds = []
+    identity = pyrage.x25519.Identity.from_str(
+        key_files["identity"].read_text().splitlines()[-1].strip())
+    for files in spool.values():
+        assert files.payload is not None
+        kinds += [(e["kind"], e["detail"].get("device")) for e in _events_of(files.payload,
+                                                                            identity)]
+    assert ("fault", "spool") in kinds and ("fault_cleared", "spool") in kinds
