@@ -52,8 +52,9 @@ from typing import Any
 
 from dualrec.config import CameraProfile
 from dualrec.devices.base import DeviceError, EventSink, VideoFormat, VideoSink
+from dualrec.devices.runtime import EventEmitter
 from dualrec.h264 import NAL_AUD, NAL_IDR, NAL_PPS, NAL_SPS, START_CODE, VCL, nal_units
-from dualrec.samples import Event, VideoPacket
+from dualrec.samples import VideoPacket
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class PiCamera:
         self._watchdog: threading.Thread | None = None
         self._halt = threading.Event()
         self._sink: VideoSink | None = None
-        self._events: EventSink | None = None
+        self._emit = EventEmitter("camera")  # events on record, from any thread
         self._library_dir = ""
         self._reset_stream_state()
 
@@ -210,7 +211,7 @@ class PiCamera:
             raise
 
         self._reset_stream_state()
-        self._sink, self._events = sink, events
+        self._sink, self._emit.events = sink, events
         # Frames of a dying thread's traceback under this directory make it a picamera2 thread.
         self._library_dir = os.path.dirname(os.path.abspath(picamera2.__file__ or "")) + os.sep
         self._picam2, self._encoder = picam2, encoder
@@ -250,7 +251,7 @@ class PiCamera:
                         f"{STOP_TIMEOUT_S:.1f} s; the camera stays held until the process "
                         "restarts", key="stop")
         # Threads left behind (a hung stop) must not reach the gateway any more.
-        self._sink = self._events = None
+        self._sink = self._emit.events = None
 
     # -- setup helpers ---------------------------------------------------------------------
 
@@ -465,12 +466,3 @@ class PiCamera:
             self._reported.add(key)
         log.warning("camera: %s", reason)
         self._emit("fault", {"device": "camera", "reason": reason})
-
-    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
-        events = self._events
-        if events is None:
-            return
-        try:
-            events(Event(t_mono_ns=time.monotonic_ns(), kind=kind, detail=detail))
-        except Exception:
-            log.exception("camera: event sink failed")

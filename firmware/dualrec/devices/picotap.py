@@ -50,8 +50,10 @@ import serial.tools.list_ports
 from dualrec import tapframe
 from dualrec.config import TapProfile
 from dualrec.devices.base import DeviceError, EventSink, LogSink
+from dualrec.devices.port_reader import PortReader
+from dualrec.devices.runtime import Delivery, EventEmitter
 from dualrec.oplog_framer import LineFramer
-from dualrec.samples import Event, LogLine
+from dualrec.samples import LogLine
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +255,19 @@ class PicoTapOpLog:
         self.decoder = tapframe.Decoder()
         self.heartbeat: dict[str, int] = {}  # the latest one, for diagnostics
         self.hello: dict[str, str] = {}
-        self._ser: serial.Serial | None = None
         self._thread: threading.Thread | None = None
         self._pulser: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._sink: LogSink | None = None
-        self._events: EventSink | None = None
+        self._stop = threading.Event()  # the pulser's; the reader has its own
+        self._emit = EventEmitter(f"oplog tap {self.port}")
+        self._delivery = Delivery(self._emit, {"device": "oplog", "port": self.port},
+                                  SINK_FAULT_INTERVAL_NS)
+        self._reader = PortReader(
+            f"oplog-tap-{self.port}", self._emit, open_port=self._open,
+            on_data=self._on_data, on_lost=self._on_lost, on_reopened=self._on_reopened,
+            finish=self._finish, fault_detail={"device": "oplog", "port": self.port},
+            read_timeout_s=read_timeout_s, reopen_s=REOPEN_INTERVAL_S, max_read=_MAX_READ)
         self._pulses: deque[int] = deque(maxlen=64)  # appended by the pulser thread
         self._edges: deque[tuple[int, int, int]] = deque(maxlen=64)  # ticks, index, arrival
-        self._lost_ns = 0
         self._last_seq: int | None = None
         self._last_ticks: int | None = None
         self._last_frame_ns = 0
@@ -269,8 +275,6 @@ class PicoTapOpLog:
         self._reported_mode = "none"
         self._reported_errors = dict(self.decoder.errors)
         self._last_link_event_ns: int | None = None
-        self._sink_errors = 0
-        self._last_sink_fault_ns: int | None = None
         self.sync_unmatched = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -279,15 +283,13 @@ class PicoTapOpLog:
         """Open the tap's port (DeviceError if impossible) and start the reader thread."""
         if self._thread is not None:
             raise DeviceError(f"oplog tap {self.port}: already started")
-        self._ser = self._open()
+        self._reader.open()
         self.decoder.reset(joining=True)  # the tap may be mid-frame: its tail is no damage
-        self._sink = sink
-        self._events = events
+        self._delivery.sink = sink
+        self._emit.events = events
         self._stop.clear()
         self._last_frame_ns = time.monotonic_ns()
-        self._thread = threading.Thread(target=self._run, name=f"oplog-tap-{self.port}",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = self._reader.start()
         if self.sync_drive is not None:
             self._pulser = threading.Thread(target=self._pulse_loop, name="tap-sync", daemon=True)
             self._pulser.start()
@@ -298,10 +300,10 @@ class PicoTapOpLog:
         if thread is None:
             return
         self._stop.set()
-        for t in (thread, self._pulser):
-            if t is not None:
-                t.join(_JOIN_TIMEOUT_S)
-        if thread.is_alive():
+        stopped = self._reader.stop(_JOIN_TIMEOUT_S)
+        if self._pulser is not None:
+            self._pulser.join(_JOIN_TIMEOUT_S)
+        if not stopped:
             log.error("oplog tap %s: reader thread did not stop within %.1f s", self.port,
                       _JOIN_TIMEOUT_S)
         self._thread = self._pulser = None
@@ -319,67 +321,25 @@ class PicoTapOpLog:
         except (serial.SerialException, OSError, ValueError) as exc:
             raise DeviceError(f"oplog tap port {self.port}: cannot open: {exc}") from exc
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    self._step()
-                except Exception as exc:
-                    log.exception("oplog tap %s: reader step failed", self.port)
-                    self._fault(f"reader failed: {exc!r}")
-                    self._stop.wait(self.read_timeout_s)
-        finally:
-            try:
-                now = time.monotonic_ns()
-                for ch in self._chans:
-                    self._deliver_lines(ch, ch.framer.flush(now))
-            finally:
-                self._close()
-
-    def _step(self) -> None:
-        ser = self._ser
-        if ser is None:
-            self._reconnect()
-            return
-        try:
-            first = ser.read(1)
-            t = time.monotonic_ns()  # before anything else: the arrival bound of these frames
-            if first:
-                waiting = ser.in_waiting
-                data = first + ser.read(min(waiting, _MAX_READ)) if waiting else first
-            else:
-                data = b""
-        except (serial.SerialException, OSError) as exc:
-            self._lost(exc)
-            return
+    def _on_data(self, data: bytes, t: int) -> None:
+        """What one read returned (the reader thread, see port_reader)."""
         if data:
             for frame in self.decoder.feed(data):
                 self._frame(frame, t)
         self._periodic(time.monotonic_ns())
 
-    def _lost(self, exc: BaseException) -> None:
-        self._lost_ns = time.monotonic_ns()
-        self._fault(str(exc))
+    def _finish(self) -> None:
+        now = time.monotonic_ns()
+        for ch in self._chans:
+            self._deliver_lines(ch, ch.framer.flush(now))
+
+    def _on_lost(self, t: int) -> None:
         self._break_lines()
-        self._close()
 
-    def _reconnect(self) -> None:
-        while not self._stop.wait(REOPEN_INTERVAL_S):
-            try:
-                self._ser = self._open()
-            except DeviceError:
-                continue
-            self.decoder.reset(joining=True)
-            now = time.monotonic_ns()
-            self._last_frame_ns = now
-            self._emit("oplog_reconnected", {"gap_ns": now - self._lost_ns, "port": self.port})
-            return
-
-    def _close(self) -> None:
-        ser, self._ser = self._ser, None
-        if ser is not None:
-            with contextlib.suppress(serial.SerialException, OSError):
-                ser.close()
+    def _on_reopened(self, gap_ns: int) -> None:
+        self.decoder.reset(joining=True)
+        self._last_frame_ns = time.monotonic_ns()
+        self._emit("oplog_reconnected", {"gap_ns": gap_ns, "port": self.port})
 
     # --- frames ------------------------------------------------------------------------------
 
@@ -519,32 +479,10 @@ class PicoTapOpLog:
             self._deliver(line)
 
     def _deliver(self, line: LogLine) -> None:
-        sink = self._sink
-        if sink is None:
-            return
-        try:
-            sink(line)
-        except Exception as exc:
-            self._sink_errors += 1
-            now = time.monotonic_ns()
-            last = self._last_sink_fault_ns
-            if last is not None and now - last < SINK_FAULT_INTERVAL_NS:
-                return
-            self._last_sink_fault_ns = now
-            count, self._sink_errors = self._sink_errors, 0
-            self._fault(f"sink failed: {exc!r}", count=count)
+        self._delivery(line)
 
     def _fault(self, reason: str, **extra: Any) -> None:
         self._emit("fault", {"device": "oplog", "port": self.port, "reason": reason, **extra})
-
-    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
-        events = self._events
-        if events is None:
-            return
-        try:
-            events(Event(t_mono_ns=time.monotonic_ns(), kind=kind, detail=detail))
-        except Exception:
-            log.exception("oplog tap %s: event sink failed on %s %s", self.port, kind, detail)
 
     # --- sync pulses -------------------------------------------------------------------------
 

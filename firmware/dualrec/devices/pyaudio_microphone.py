@@ -50,7 +50,8 @@ from typing import Any, Generic, TypeVar
 
 from dualrec.config import MicrophoneProfile
 from dualrec.devices.base import AudioFormat, AudioSink, DeviceError, EventSink
-from dualrec.samples import AudioBlock, Event
+from dualrec.devices.runtime import EventEmitter
+from dualrec.samples import AudioBlock
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class PyAudioMicrophone:
         self._stop = threading.Event()
         self._capture: _Capture | None = None
         self._sink: AudioSink | None = None
-        self._events: EventSink | None = None
+        self._emit = EventEmitter("microphone")  # events on record, from any thread
         self._watch: threading.Thread | None = None
         self.overflows = 0
         self.device_name: str | None = None
@@ -235,7 +236,7 @@ class PyAudioMicrophone:
             except ImportError as exc:
                 raise DeviceError(f"microphone: pyaudio is not installed: {exc}") from exc
             self._pyaudio = pyaudio
-        self._sink, self._events = sink, events
+        self._sink, self._emit.events = sink, events
         self._stop.clear()
         self._activate(self._open())
         self._watch = threading.Thread(target=self._watch_loop, name="mic-watch", daemon=True)
@@ -343,15 +344,6 @@ class PyAudioMicrophone:
             if capture is not self._capture or sink is None:
                 return
             sink(block)
-
-    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
-        events = self._events
-        if events is None:
-            return
-        try:
-            events(Event(t_mono_ns=time.monotonic_ns(), kind=kind, detail=detail))
-        except Exception:
-            log.exception("microphone: event sink failed for %s %s", kind, detail)
 
     # --- watchdog ------------------------------------------------------------------------
 

@@ -1,12 +1,14 @@
 """The device runtime: delivery, supervision, retry with backoff and fault reporting, once.
 
 Every backend and every worker thread of the gateway needs the same plumbing: put an event on
-record from any thread without ever raising into the hardware code (EventEmitter), retry what
-failed with a capped exponential delay (Backoff), run a thread so that an unexpected exception is
-logged once with its traceback, recorded, shown on the fault LED and the work retried, and so that
-a part that cannot recover stops the process (Supervisor, Worker), and start a device that is
-absent or failing and keep starting it until it joins (DeviceRunner). A backend is then only its
-hardware code.
+record from any thread without ever raising into the hardware code (EventEmitter); hand samples
+to a sink that may fail (Delivery); read a byte port that may vanish (PortReader, in
+devices/port_reader.py because only the serial-line backends need pyserial); retry what failed
+with a capped exponential delay (Backoff); run a thread so that an unexpected exception is
+logged once with its traceback, recorded, shown on the fault LED and the work retried, and so
+that a part that cannot recover stops the process (Supervisor, Worker); start a device that is
+absent or failing and keep starting it until it joins (DeviceRunner). A backend is then only
+its hardware code.
 
 Faults are events {device, reason} with `fault_cleared` {device, gap_ns} when they end; the
 device name is also the fault LED pattern's name (dualrec.devices.gpio_panel.FAULT_PATTERNS).
@@ -72,6 +74,40 @@ class EventEmitter:
             events(Event(time.monotonic_ns() if t_ns is None else t_ns, kind, detail))
         except Exception:
             log.exception("%s: event sink failed on %s %s", self.name, kind, detail)
+
+
+class Delivery:
+    """Hands a backend's samples to the gateway's sink, from the backend's thread. A sink that
+    raises is a fault event at most once a second (with how many failures it stands for),
+    never an exception in the backend's thread, which must keep draining its hardware."""
+
+    def __init__(self, emit: EventEmitter, detail: dict[str, Any],
+                 interval_ns: int = NS) -> None:
+        self.sink: Callable[[Any], None] | None = None
+        self._emit = emit
+        self._detail = detail  # what the fault says besides the reason: device, port ...
+        self._interval_ns = interval_ns
+        self._errors = 0
+        self._last_fault_ns: int | None = None
+
+    def __call__(self, sample: Any) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        try:
+            sink(sample)
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self._errors += 1
+        now = time.monotonic_ns()
+        last = self._last_fault_ns
+        if last is not None and now - last < self._interval_ns:
+            return
+        self._last_fault_ns = now
+        count, self._errors = self._errors, 0
+        self._emit("fault", {**self._detail, "reason": f"sink failed: {exc!r}", "count": count})
 
 
 def reason_of(exc: BaseException) -> str:

@@ -26,7 +26,6 @@ kind per second, each with the count it stands for.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -41,9 +40,11 @@ from typing import Any
 import serial
 
 from dualrec.devices.base import DeviceError, EventSink, LogSink
+from dualrec.devices.port_reader import PortReader
+from dualrec.devices.runtime import Delivery, EventEmitter
 from dualrec.devices.serial_ports import parity_code, resolve_port
 from dualrec.oplog_framer import LineFramer
-from dualrec.samples import Event, LogLine
+from dualrec.samples import LogLine
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,6 @@ class SerialOpLog:
         self.read_timeout_s = read_timeout_s
         self.line_errors = line_errors
         self.device: str | None = None  # what the spec resolved to at the last open
-        self._ser: serial.Serial | None = None
         self._fd: int | None = None
         self._decoder: ParmrkDecoder | None = None
         self._counters: dict[str, int] | None = None
@@ -181,33 +181,29 @@ class SerialOpLog:
         self._err_last_ns: dict[str, int] = {}
         self._err_held: dict[str, tuple[int, dict[str, Any]]] = {}  # kind -> (count, detail)
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._sink: LogSink | None = None
-        self._events: EventSink | None = None
-        self._lost_ns = 0
-        self._sink_errors = 0
-        self._last_sink_fault_ns: int | None = None
+        self._emit_at = EventEmitter(f"oplog {port}")
+        self._delivery = Delivery(self._emit_at, {"device": "oplog", "port": port},
+                                  SINK_FAULT_INTERVAL_NS)
+        self._reader = PortReader(
+            f"oplog-{port}", self._emit_at, open_port=self._open_port, on_data=self._on_data,
+            on_lost=self._on_lost, on_reopened=self._on_reopened, finish=self._finish,
+            fault_detail={"device": "oplog", "port": port}, read_timeout_s=read_timeout_s,
+            reopen_s=REOPEN_INTERVAL_S, max_read=_MAX_READ)
 
     def start(self, sink: LogSink, events: EventSink) -> None:
         """Open the port (DeviceError if impossible) and start the reader thread."""
         if self._thread is not None:
             raise DeviceError(f"oplog {self.port}: already started")
-        self._open_port()
-        self._sink = sink
-        self._events = events
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"oplog-{self.port}", daemon=True)
-        self._thread.start()
+        self._reader.open()
+        self._delivery.sink = sink
+        self._emit_at.events = events
+        self._thread = self._reader.start()
 
     def stop(self) -> None:
         """Stop reading within about a second; the buffered partial line is delivered first."""
-        thread = self._thread
-        if thread is None:
+        if self._thread is None:
             return
-        self._stop.set()
-        thread.join(_JOIN_TIMEOUT_S)
-        if thread.is_alive():
-            # Only a sink that never returns can hold the thread; it is a daemon, so leave it.
+        if not self._reader.stop(_JOIN_TIMEOUT_S):
             log.error(
                 "oplog %s: reader thread did not stop within %.1f s", self.port, _JOIN_TIMEOUT_S
             )
@@ -216,7 +212,7 @@ class SerialOpLog:
     @property
     def serial_port(self) -> serial.Serial | None:
         """The open pyserial port, if any (diagnostics; tests write into loop:// through it)."""
-        return self._ser
+        return self._reader.port
 
     def _open(self) -> serial.Serial:
         # Resolved on every open: after a replug the adapter may be another /dev/ttyUSBn.
@@ -236,56 +232,28 @@ class SerialOpLog:
         self.device = device
         return ser
 
-    def _open_port(self) -> None:
+    def _open_port(self) -> serial.Serial:
         """Open, and set up line-error marking on what was opened."""
         ser = self._open()
         fd = _enable_parmrk(ser) if self.line_errors is not False else None
-        self._ser, self._fd = ser, fd
+        self._fd = fd
         self._decoder = ParmrkDecoder() if fd is not None or self.line_errors else None
         self._counters = _icount(fd)
+        return ser
 
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    self._step()
-                except Exception as exc:
-                    # A bug below must neither end recording silently nor spin: record it,
-                    # breathe, go on reading.
-                    log.exception("oplog %s: reader step failed", self.port)
-                    self._emit(
-                        "fault",
-                        {"device": "oplog", "port": self.port, "reason": f"reader failed: {exc!r}"},
-                    )
-                    self._stop.wait(self.read_timeout_s)
-        finally:
-            try:
-                self._flush_decoder(time.monotonic_ns())
-                self._deliver(self.framer.flush(time.monotonic_ns()))
-                self._flush_line_errors()
-            finally:
-                self._close()
-
-    def _step(self) -> None:
-        """One read (or one reconnection attempt cycle) and its delivery."""
-        ser = self._ser
-        if ser is None:
-            self._reconnect()
-            return
-        try:
-            first = ser.read(1)
-            if not first:
-                if self._err_held:  # a burst of errors that stopped: its count is due
-                    self._flush_line_errors(due_only=True)
-                return
-            # Stamp before anything else: the chunk's time is its first byte's time.
-            t = time.monotonic_ns()
-            waiting = ser.in_waiting
-            data = first + ser.read(min(waiting, _MAX_READ)) if waiting else first
-        except (serial.SerialException, OSError) as exc:
-            self._lost(exc)
+    def _on_data(self, data: bytes, t: int) -> None:
+        """What one read returned (the reader thread, see port_reader)."""
+        if not data:
+            if self._err_held:  # a burst of errors that stopped: its count is due
+                self._flush_line_errors(due_only=True)
             return
         self._feed(data, t)
+
+    def _finish(self) -> None:
+        """The reader ends: what is buffered is delivered before the port closes."""
+        self._flush_decoder(time.monotonic_ns())
+        self._deliver(self.framer.flush(time.monotonic_ns()))
+        self._flush_line_errors()
 
     def _feed(self, data: bytes, t: int) -> None:
         """Decode line-error marks (if on), note them, and hand the bytes to the framer."""
@@ -338,8 +306,8 @@ class SerialOpLog:
             return
         self._err_held.pop(kind, None)
         self._err_last_ns[kind] = t
-        self._emit_at(t, "oplog_line_error", {"kind": kind, "count": count, "port": self.port,
-                                              "device": self.device, **held_detail})
+        self._emit_at("oplog_line_error", {"kind": kind, "count": count, "port": self.port,
+                                           "device": self.device, **held_detail}, t)
 
     def _flush_line_errors(self, *, due_only: bool = False) -> None:
         """Record the counts held back by the rate limit (all of them, or those now due)."""
@@ -349,19 +317,17 @@ class SerialOpLog:
                 continue
             del self._err_held[kind]
             self._err_last_ns[kind] = now
-            self._emit_at(now, "oplog_line_error", {"kind": kind, "count": count,
-                                                    "port": self.port, "device": self.device,
-                                                    **detail})
+            self._emit_at("oplog_line_error", {"kind": kind, "count": count,
+                                               "port": self.port, "device": self.device,
+                                               **detail}, now)
 
-    def _lost(self, exc: BaseException) -> None:
-        """The port failed mid-run: record it and drop it; _run reopens."""
-        self._lost_ns = time.monotonic_ns()
-        self._emit("fault", {"device": "oplog", "port": self.port, "reason": str(exc)})
+    def _on_lost(self, t: int) -> None:
+        """The port failed mid-run (the fault is on record; the reader closes and reopens)."""
         # Bytes after the gap belong to a different line than the ones before it; joining them
         # would forge a line the terminal never sent, so the partial line is closed here.
-        self._flush_decoder(self._lost_ns)
-        self._deliver(self.framer.flush(self._lost_ns))
-        self._close()
+        self._flush_decoder(t)
+        self._deliver(self.framer.flush(t))
+        self._fd = None
 
     def _flush_decoder(self, t: int) -> None:
         if self._decoder is not None:
@@ -370,33 +336,12 @@ class SerialOpLog:
                 self._fed += len(rest)
                 self._deliver(self.framer.feed(rest, t))
 
-    def _reconnect(self) -> None:
-        """Retry opening every REOPEN_INTERVAL_S until it works or stop() is called."""
-        while not self._stop.wait(REOPEN_INTERVAL_S):
-            try:
-                self._open_port()
-            except DeviceError:
-                continue
-            self._emit("oplog_reconnected", {"gap_ns": time.monotonic_ns() - self._lost_ns,
-                                             "device": self.device})
-            return
-
-    def _close(self) -> None:
-        ser, self._ser, self._fd = self._ser, None, None
-        if ser is not None:
-            with contextlib.suppress(serial.SerialException, OSError):
-                ser.close()
+    def _on_reopened(self, gap_ns: int) -> None:
+        self._emit_at("oplog_reconnected", {"gap_ns": gap_ns, "device": self.device})
 
     def _deliver(self, lines: list[LogLine]) -> None:
-        lines = [self._flag(line) for line in lines]
-        sink = self._sink
-        if sink is None:
-            return
-        for line in lines:
-            try:
-                sink(line)
-            except Exception as exc:
-                self._sink_failed(exc)
+        for line in [self._flag(line) for line in lines]:
+            self._delivery(line)
 
     def _flag(self, line: LogLine) -> LogLine:
         """Add LINE_ERROR_FLAG to a line holding a marked byte (or sitting on lost bytes)."""
@@ -409,35 +354,3 @@ class SerialOpLog:
         if not hit:
             return line
         return dataclasses.replace(line, flags=tuple(sorted({*line.flags, LINE_ERROR_FLAG})))
-
-    def _sink_failed(self, exc: Exception) -> None:
-        # A broken sink fails on every line; one event per second (with a count) keeps the
-        # record readable and the thread fast enough to keep draining the port.
-        self._sink_errors += 1
-        now = time.monotonic_ns()
-        last = self._last_sink_fault_ns
-        if last is not None and now - last < SINK_FAULT_INTERVAL_NS:
-            return
-        self._last_sink_fault_ns = now
-        count, self._sink_errors = self._sink_errors, 0
-        self._emit(
-            "fault",
-            {
-                "device": "oplog",
-                "port": self.port,
-                "reason": f"sink failed: {exc!r}",
-                "count": count,
-            },
-        )
-
-    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
-        self._emit_at(time.monotonic_ns(), kind, detail)
-
-    def _emit_at(self, t: int, kind: str, detail: dict[str, Any]) -> None:
-        events = self._events
-        if events is None:
-            return
-        try:
-            events(Event(t_mono_ns=t, kind=kind, detail=detail))
-        except Exception:
-            log.exception("oplog %s: event sink failed on %s %s", self.port, kind, detail)

@@ -54,8 +54,8 @@ from typing import Any, Protocol
 from dualrec.config import TapProfile
 from dualrec.devices.base import DeviceError, EventSink, LogSink
 from dualrec.devices.picotap import PicoTapOpLog, TapClock
+from dualrec.devices.runtime import EventEmitter
 from dualrec.oplog_framer import LineFramer
-from dualrec.samples import Event
 
 log = logging.getLogger(__name__)
 
@@ -315,14 +315,14 @@ class SyncedTapOpLog:
         self.report_interval_ns = round(report_interval_s * 1e9)
         self.pulser = SyncPulser(drive, oplog.sync_pulse, period_s=period_s, high_s=high_s,
                                  on_fault=self._fault, after_pulse=self._maybe_report)
-        self._events: EventSink | None = None
+        self._emit = EventEmitter("tap sync")  # events on record, from any thread
         self._pulsing = False
         self._last_report_ns: int | None = None
         self._reported_fitted = False
 
     def start(self, sink: LogSink, events: EventSink) -> None:
         self.oplog.start(sink, events)
-        self._events = events
+        self._emit.events = events
         self._last_report_ns = None
         self._reported_fitted = False
         try:
@@ -358,15 +358,6 @@ class SyncedTapOpLog:
     def _fault(self, reason: str) -> None:
         self._emit("fault", {"device": "tap_sync", "line": self.pulser.drive.name,
                              "reason": reason})
-
-    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
-        events = self._events
-        if events is None:
-            return
-        try:
-            events(Event(t_mono_ns=time.monotonic_ns(), kind=kind, detail=detail))
-        except Exception:
-            log.exception("tap sync: event sink failed on %s %s", kind, detail)
 
 
 def synced_tap_oplog(tap: TapProfile, framer: LineFramer, drive: SyncDrive | None = None, *,
