@@ -59,8 +59,8 @@ def test_session_from_log_with_preroll_postroll_and_keyframe_cuts():
     assert [s.index for s in segs] == list(range(len(segs))) and segs[-1].final
     assert all(not s.final for s in segs[:-1])
     first = segs[0]
-    # pre-roll: 2 s before the trigger, starting at a keyframe (t = 4 s)
-    assert first.start_ns == 4 * S and first.video[0].keyframe
+    # pre-roll: at least 2 s before the trigger (3.35 s), from the keyframe at or before (3 s)
+    assert first.start_ns == 3 * S and first.video[0].keyframe
     # every segment but the last starts on a keyframe and is >= 3 s long
     for a, b in itertools.pairwise(segs):
         assert b.video[0].keyframe and a.end_ns == b.start_ns and a.end_ns - a.start_ns >= 3 * S
@@ -72,7 +72,7 @@ def test_session_from_log_with_preroll_postroll_and_keyframe_cuts():
     for a, b in itertools.pairwise(audio):
         assert b.t_mono_ns == a.t_mono_ns + a.frames * S // RATE
     kinds = [e.kind for s in segs for e in s.events]
-    assert kinds == ["session_start", "session_stop"]
+    assert kinds == ["session_start", "session_completeness", "session_stop"]
     assert rig.led == [True, False]
     assert [line.text for s in segs for line in s.lines] == ["BEGIN 1", "END 1"]
 
@@ -104,11 +104,52 @@ def test_button_starts_and_stops_and_continuous_mode():
     assert cont.rec.state == "recording"
 
 
-def test_new_transaction_during_postroll_keeps_the_session():
+def _session_lines(segs: list[Segment]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for seg in segs:
+        out.setdefault(seg.session, []).extend(x.text for x in seg.lines)
+    return out
+
+
+def test_a_new_transaction_during_postroll_is_a_new_session():
+    """Tried: the next customer's start line 0.5 s after the end line, inside the post-roll.
+    Asserted: two sessions, each holding exactly its own transaction's lines (the first ends at
+    the second's start line; their media may overlap by the pre-roll)."""
     rig = Rig()
-    rig.lines = [(1 * S, "BEGIN"), (3 * S, "END"), (int(3.5 * S), "BEGIN"), (6 * S, "END")]
+    rig.lines = [(1 * S, "BEGIN 1"), (3 * S, "END 1"), (int(3.5 * S), "BEGIN 2"), (6 * S, "END 2")]
     rig.run_until(10 * S)
-    assert len({s.session for s in rig.out}) == 1 and rig.rec.sessions_started == 1
+    assert rig.rec.sessions_started == 2
+    assert list(_session_lines(rig.out).values()) == [["BEGIN 1", "END 1"], ["BEGIN 2", "END 2"]]
+
+
+def test_end_and_next_start_in_one_chunk_split_at_the_line() -> None:
+    """Tried: an end line and the next start line delivered in one read (the same stamp).
+    Asserted: the end line closes the first session, the start line opens the second."""
+    rig = Rig()
+    rig.lines = [(1 * S, "BEGIN 1"), (3 * S, "END 1"), (3 * S, "BEGIN 2"), (5 * S, "END 2")]
+    rig.run_until(9 * S)
+    assert list(_session_lines(rig.out).values()) == [["BEGIN 1", "END 1"], ["BEGIN 2", "END 2"]]
+
+
+def test_lines_between_sessions_are_sealed_in_idle_segments() -> None:
+    """Tried: chatter before, between and after two transactions, and an end line with no
+    start. Asserted: every line is in exactly one segment; lines outside sessions are in idle
+    segments (reason oplog), the orphan end line is on record, and no session holds a line from
+    before its start line."""
+    rig = Rig(idle_seal_ns=2 * S)
+    texts = ["hello", "BEGIN 1", "step", "END 1", "between", "END 9", "BEGIN 2", "END 2", "bye"]
+    rig.lines = [(int((1 + 1.3 * k) * S), t) for k, t in enumerate(texts)]
+    rig.run_until(20 * S)
+    rig.rec.shutdown(rig.t)
+    sealed = [x.text for seg in rig.out for x in seg.lines]
+    assert sorted(sealed) == sorted(texts)
+    by = _session_lines([s for s in rig.out if s.session])
+    assert list(by.values()) == [["BEGIN 1", "step", "END 1"], ["BEGIN 2", "END 2"]]
+    idle = [s for s in rig.out if not s.session]
+    assert {s.reason for s in idle} <= {"oplog", "event"} and idle
+    assert any(e.kind == "transaction_end_without_start" for s in idle for e in s.events)
+    ends = [s.end_ns for s in sorted(rig.out, key=lambda s: s.end_ns)]
+    assert [s.end_ns for s in rig.out] == ends  # sealed in time order
 
 
 def test_split_audio_is_sample_exact():

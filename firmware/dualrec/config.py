@@ -183,6 +183,64 @@ class OpLogSection(_Strict):
         return patterns
 
 
+def _regexes(patterns: list[str]) -> list[str]:
+    import re
+
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"pattern {p!r} is not a regular expression: {exc}") from None
+    return patterns
+
+
+class TransactionsSection(_Strict):
+    """Which transaction a session is, and the steps each business type requires
+    (dualrec.transactions; docs/config.md)."""
+
+    labels: list[str] = Field(default=[
+        r"TXN=(?P<txn>[0-9A-Za-z_-]{1,40})",
+        r"\[柜员(?P<teller>[0-9A-Za-z_-]{1,20})\]",
+        r"类型=(?P<business>[^\s=,;]{1,20})",
+    ], description="Regular expressions with named groups txn, teller and/or business, tried "
+                   "on the start line and then on later lines for labels still missing. A value "
+                   "that is a customer number never becomes a label.")
+    required_steps: dict[str, dict[str, str]] = Field(default={
+        "理财购买": {"风险评估": "风险评估", "风险揭示": "风险揭示", "冷静期告知": "冷静期告知",
+                     "客户签名": "客户签名"},
+        "保险代销": {"风险评估": "风险评估", "风险揭示": "风险揭示", "冷静期告知": "冷静期告知",
+                     "客户签名": "客户签名"},
+        "大额转账": {"风险提示": "风险提示", "客户签名": "客户签名"},
+    }, description="Per business type (the business label; `*` for every session): step name -> "
+                   "pattern a line of the session must match. A session missing a step is "
+                   "incomplete: on record, and shown on the fault LED.")
+    idle_seal_ms: Annotated[int, Field(ge=1000, le=600_000)] = Field(
+        default=10_000, description="Log lines outside sessions are sealed in an idle segment "
+                                    "at most this long after the first of them arrived.")
+    incomplete_led_ms: Annotated[int, Field(ge=0, le=600_000)] = Field(
+        default=30_000, description="How long the fault LED shows an incomplete session (or "
+                                    "until the next session starts).")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for p in _regexes(patterns):
+            groups = set(re.compile(p).groupindex)
+            if not groups or groups - {"txn", "teller", "business"}:
+                raise ValueError(f"label pattern {p!r} needs named groups among txn, teller, "
+                                 "business, and no others")
+        return patterns
+
+    @field_validator("required_steps")
+    @classmethod
+    def _steps(cls, steps: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for named in steps.values():
+            _regexes(list(named.values()))
+        return steps
+
+
 class SealSection(_Strict):
     recipients: Annotated[list[str], Field(min_length=1)]
     escrow: str | None = None
@@ -240,6 +298,7 @@ class SiteConfig(_Strict):
     device: DeviceSection
     recording: RecordingSection = RecordingSection()
     oplog: OpLogSection = OpLogSection()
+    transactions: TransactionsSection = TransactionsSection()
     seal: SealSection
     spool: SpoolSection
     uplink: UplinkSection | None = None

@@ -31,13 +31,14 @@ from dualrec.segmenter import Segmenter
 from dualrec.spool import Spool
 from dualrec.supervision import STATUS_NAME, STREAMS, ClockHealth, FaultBoard, WatchdogFeeder
 from dualrec.timebase import ClockWatcher, Timebase
+from dualrec.transactions import TransactionRules
 
 log = logging.getLogger("dualrec.gateway")
 
 QUOTA_CHECK_NS = 1_000_000_000
 # The fault LED shows the most urgent fault; the panel maps a name to a blink pattern.
-FAULT_PRIORITY = ("seal", "internal", "spool_full", "camera", "microphone", "oplog", "clock",
-                  "quarantine", "uplink")
+FAULT_PRIORITY = ("seal", "internal", "incomplete", "spool_full", "camera", "microphone",
+                  "oplog", "clock", "quarantine", "uplink")
 # Health figures for the watchdog (generous: a busy Pi must not be restarted for being slow).
 SOURCE_STALL_S = 10.0  # a camera or microphone running with no sample and no recorded fault
 CLOCK_STALL_S = 10.0
@@ -193,7 +194,12 @@ class Gateway:
             postroll_ns=rec.postroll_ms * 1_000_000, max_session_ns=rec.max_session_ms * 1_000_000,
             start_patterns=site.oplog.start_patterns, stop_patterns=site.oplog.stop_patterns,
             continuous=rec.mode == "continuous",
+            rules=TransactionRules.build(site.transactions.labels,
+                                         site.transactions.required_steps),
+            on_incomplete=self._show_incomplete,
+            idle_seal_ns=site.transactions.idle_seal_ms * 1_000_000,
         )
+        self._incomplete_until: float | None = None
         self.watcher = ClockWatcher(self.timebase, self.q.put)
         self.runners: dict[str, DeviceRunner] = {}
         self._session_seen: str | None = None
@@ -333,6 +339,8 @@ class Gateway:
             self._next_quota_check = now + QUOTA_CHECK_NS
             self._check_quota(now)
         self.recorder.tick(now)
+        if self._incomplete_until is not None and time.monotonic() > self._incomplete_until:
+            self._show_incomplete(None)
         self._note_session_streams()
         self._cut_without_video(now)
         if now >= self._next_clock_poll:
@@ -341,6 +349,17 @@ class Gateway:
         self.supervisor.poll()
         if self.watchdog is not None:
             self.watchdog.tick(time.monotonic())
+
+    def _show_incomplete(self, missing: list[str] | None) -> None:
+        """An incomplete session on the fault LED until the next session or the configured
+        time runs out: the teller can still do the missing step while the customer is there."""
+        self.lamp.set("incomplete", bool(missing))
+        if missing:
+            log.warning("session incomplete: missing %s", ", ".join(missing))
+            self._incomplete_until = (time.monotonic()
+                                      + self.site.transactions.incomplete_led_ms / 1000)
+        else:
+            self._incomplete_until = None
 
     def _note_session_streams(self) -> None:
         """A session that starts while a stream's device is in a fault says so in its first

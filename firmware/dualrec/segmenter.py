@@ -53,6 +53,7 @@ class Segmenter:
         # origin, or after its final cut) go back to the recorder: they are not this session's.
         self._spill = spill or (lambda sample: None)
         self.dropped_media = 0  # video packets and audio blocks outside the session, not filed
+        self.last_end_ns = 0  # end of the newest segment handed on
         self.grace_ns = grace_ns
         self.cur: Segment | None = None
         self.nxt: Segment | None = None
@@ -100,6 +101,11 @@ class Segmenter:
             self._outside(sample)
             return
         if isinstance(sample, VideoPacket):
+            if seg.index == 0 and not seg.video and not sample.keyframe:
+                # a session's video starts decodable: frames before its first keyframe (only
+                # when the pre-roll found none) cannot be shown and are not filed
+                self.dropped_media += 1
+                return
             if self._last_frame is not None and sample.frame_index > self._last_frame + 1:
                 seg.video_drops += sample.frame_index - self._last_frame - 1
             self._last_frame = sample.frame_index
@@ -185,6 +191,7 @@ class Segmenter:
         seg.reason = self._cut_reason
         seg.final = self._final
         self.cur, self.nxt, self.cut_at = self.nxt, None, None
+        self.last_end_ns = max(self.last_end_ns, seg.end_ns)
         self._emit(seg)
 
     def cut(self, at_ns: int, reason: str, *, final: bool = False) -> None:

@@ -65,6 +65,9 @@ FAULT_PATTERNS: dict[str, tuple[int, ...]] = {
     "microphone": (800, 300, 150, 300, 150, 1250),
     "oplog": (800, 300, 150, 300, 150, 300, 150, 1250),
     "clock": (800, 300, 150, 300, 150, 300, 150, 300, 150, 1250),
+    # The session that just ended lacks a step its business type requires (risk disclosure,
+    # customer confirmation...): four quick flashes every 1.6 s, while the customer is there.
+    "incomplete": (100, 100, 100, 100, 100, 100, 100, 900),
 }
 # Any other fault name: steady on. No fault: off.
 
