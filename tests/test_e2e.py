@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pyrage
 import pytest
+from click.testing import CliRunner
 
 from dualrec.config import load_board, load_site
 from dualrec.gateway import Gateway
 from dualrec.segment_format import parse_header
+from dualrec_tools.cli import main as tool_main
 from dualrec_tools.export import load_identities
 from dualrec_tools.simcounter import Counter
 from helpers import small_board, wait_for
@@ -76,6 +78,18 @@ def test_recorded_sessions_verify_export_and_stay_in_sync(tmp_path):
             assert all(abs(v) <= 33_000 for v in clap.offsets_us.values()), clap
         claps += len(sync.claps)
     assert claps >= 4
+    # every transaction's labels and completeness are on record (the sim teller does every
+    # step), and `sessions` filters on them
+    listed = CliRunner().invoke(tool_main, ["sessions", "--spool", str(counter.store()),
+                                            "--identity", str(counter.identity)])
+    assert listed.exit_code == 0, listed.output
+    rows = [r for r in listed.output.splitlines()[1:] if r.strip()]
+    assert len(rows) == 2 and all(r.rstrip().endswith(" complete") for r in rows), rows
+    txn = rows[0].split()[7]
+    assert txn.isdigit() and len(txn) == 6, rows  # TXN=000123 from the start line
+    only = CliRunner().invoke(tool_main, ["sessions", "--spool", str(counter.store()),
+                                          "--identity", str(counter.identity), "--txn", txn])
+    assert len([r for r in only.output.splitlines()[1:] if r.strip()]) == 1, only.output
     ident = counter.identity
     first = counter.spool / "0000000000.payload.age"
     plain = subprocess.run(["age", "-d", "-i", str(ident), str(first)],

@@ -215,23 +215,52 @@ def _duration(ns: int) -> str:
 
 @main.command()
 @click.option("--spool", type=EXISTING_DIR, required=True, help="Directory of segments.")
-def sessions(spool: Path) -> None:
-    """List the sessions the headers in --spool name (headers are parsed, not verified)."""
+@click.option("--identity", "identity_path", type=EXISTING_FILE, default=None,
+              help="The branch's age identity: also show labels and completeness.")
+@click.option("--txn", default=None, help="Only the session of this transaction id.")
+@click.option("--teller", default=None, help="Only this teller's sessions.")
+@click.option("--business", default=None, help="Only sessions of this business type.")
+@click.option("--incomplete", is_flag=True, help="Only sessions missing a required step.")
+def sessions(spool: Path, identity_path: Path | None, txn: str | None, teller: str | None,
+             business: str | None, incomplete: bool) -> None:
+    """List the sessions the headers in --spool name (headers are parsed, not verified); with
+    --identity, their transaction labels and completeness, and filters on them."""
+    from dualrec_tools.session_labels import read_transaction
+
+    wanted = {k: v for k, v in (("txn", txn), ("teller", teller), ("business", business)) if v}
+    if (wanted or incomplete) and identity_path is None:
+        raise UsageFailure("filtering by labels or completeness needs --identity")
     try:
         headers, _ = read_headers(spool)
+        identities = load_identities(identity_path) if identity_path else None
     except DirectoryError as exc:
         raise UsageFailure(str(exc)) from None
-    found = sessions_of(headers)
-    if not found:
+    except ExportError as exc:
+        raise UsageFailure(str(exc)) from None
+    chain = {h.seq: h for h in headers if h.header is not None and h.seq == h.file_seq}
+    rows = []
+    for s in sessions_of(headers):
+        extra = ""
+        if identities is not None:
+            t = read_transaction(s, chain, identities)
+            if any(t.labels.get(k) != v for k, v in wanted.items()):
+                continue
+            if incomplete and t.complete is not False:
+                continue
+            extra = (f" {t.labels.get('txn', '-'):<10} {t.labels.get('teller', '-'):<8} "
+                     f"{t.labels.get('business', '-'):<10} {t.completeness}")
+        rows.append((s, extra))
+    if not rows:
         click.echo("no sessions")
         return
     click.echo(f"{'SESSION':<28} {'SEGS':>4} {'SEQ':>13} {'START (UTC)':<20} {'DURATION':>9} "
-               "STATUS")
-    for s in found:
+               "STATUS" + (f"      {'TXN':<10} {'TELLER':<8} {'BUSINESS':<10} COMPLETENESS"
+                           if identities is not None else ""))
+    for s, extra in rows:
         start = datetime.fromtimestamp(s.start_utc_ns // 1_000_000_000, UTC)
         click.echo(f"{s.session:<28} {len(s.segments):>4} "
                    f"{f'{s.seqs[0]}..{s.seqs[-1]}':>13} {start:%Y-%m-%d %H:%M:%S}  "
-                   f"{_duration(s.duration_ns):>9} {s.status}")
+                   f"{_duration(s.duration_ns):>9} {s.status:<11}{extra}")
     unreadable = [shown(h.path.name) for h in headers if h.header is None]
     if unreadable:
         click.echo(f"unreadable headers: {', '.join(unreadable)}", err=True)
