@@ -389,3 +389,48 @@ def test_watchdog_fed_only_while_healthy(tmp_path, key_files, monkeypatch):
     assert "clock watcher not checking" in msgs[bad]
     assert "WATCHDOG=1" not in msgs[bad:good]
     assert "WATCHDOG=1" in msgs[1:bad] and "WATCHDOG=1" in msgs[good:]
+
+
+def test_camera_thread_dying_mid_run_is_restarted(tmp_path, key_files, monkeypatch):
+    """Tried: the sim camera's capture thread dies mid-run (an injected MemoryError in its
+    delivery; the camera records the fault and its thread ends, as a picamera2 encoder
+    failure does), with restarts after 2 s of fault.
+    Asserted: the fault is on record, segments go on being cut by time with audio while the
+    camera is down, the gateway restarts the camera, `fault_cleared` follows, and video is
+    sealed again after it; the chain verifies."""
+    import dualrec.gateway as gateway_mod
+    from dualrec.sim.camera import SimCamera
+
+    monkeypatch.setattr(gateway_mod, "DEVICE_RESTART_AFTER_S", 2.0)
+    deliver = SimCamera._deliver
+    calls = [0]
+
+    def dying(self, packets, sink):
+        calls[0] += 1
+        if calls[0] == 45:
+            raise MemoryError("injected: encoder buffer gone")
+        deliver(self, packets, sink)
+
+    monkeypatch.setattr(SimCamera, "_deliver", dying)
+    box = Box(tmp_path, key_files).start()
+    try:
+        def video_after_clear() -> bool:
+            sealed = box.sealed()
+            cleared = [s.header["seq"] for s in sealed if "fault_cleared" in s.kinds("camera")]
+            return bool(cleared) and any(s.frames > 0 for s in sealed
+                                         if s.header["seq"] > cleared[0])
+
+        wait_until(lambda: "camera" in box.gw.runners, 30, "the devices started", box)
+        wait_until(lambda: box.gw.runners["camera"].restarts >= 1, 60, "a restart", box)
+        wait_until(video_after_clear, 60, "video sealed after the restart", box)
+    finally:
+        box.stop()
+    sealed = box.sealed()
+    fault_seq, fault = first_event(sealed, "fault", "camera")
+    cleared_seq, cleared = first_event(sealed, "fault_cleared", "camera")
+    assert "injected" in fault["detail"]["reason"] and fault_seq <= cleared_seq
+    assert cleared["detail"]["gap_ns"] >= 2 * NS
+    down = [s for s in session_segments(sealed) if fault_seq < s.header["seq"] < cleared_seq]
+    assert all(s.samples > 0 for s in down)
+    assert any(s.frames > 0 for s in sealed if s.header["seq"] > cleared_seq)
+    box.verify()

@@ -112,3 +112,36 @@ def test_event_emitter_never_raises_into_the_backend(caplog):
 
     EventEmitter("oplog", broken)("fault", {"device": "oplog"})
     assert "event sink failed" in caplog.text
+
+
+class DyingDevice:
+    """Runs, then its capture thread 'dies' on the first start: a fault it never clears."""
+
+    def __init__(self) -> None:
+        self.starts = self.stops = 0
+
+    def start(self, sink, events) -> None:
+        self.starts += 1
+        if self.starts == 1:
+            events(Event(1, "fault", {"device": "camera", "reason": "encoder thread died"}))
+        else:
+            sink("frame")
+
+    def stop(self) -> None:
+        self.stops += 1
+
+
+def test_device_stuck_in_its_own_fault_is_restarted():
+    """Tried: a camera whose encoder dies right after its first start and never recovers by
+    itself. Asserted: after restart_after_s the runner stops it and starts it again, the
+    restart clears the fault on record (one fault, one fault_cleared), frames flow again."""
+    events: list[Event] = []
+    frames: list[str] = []
+    dev = DyingDevice()
+    runner = DeviceRunner("camera", dev, frames.append, events.append, restart_after_s=0.0,
+                          backoff_first_s=0.05)
+    assert runner.start() is True and runner.fault == "encoder thread died"
+    wait_for(lambda: (runner.check(10**18) or True) and frames == ["frame"], 10, "the restart")
+    runner.stop()
+    assert [e.kind for e in events] == ["fault", "fault_cleared"]
+    assert dev.starts == 2 and dev.stops == 2 and runner.restarts == 1 and runner.fault is None

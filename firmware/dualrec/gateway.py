@@ -45,6 +45,9 @@ CLOCK_STALL_S = 10.0
 SEAL_STUCK_S = 120.0  # segments waiting, none sealed, and no recorded sealing fault
 QUEUE_BACKLOG = 20_000  # samples waiting for the recorder loop
 CLOCK_POLL_NS = 5_000_000_000
+# A camera or microphone in its own fault this long is stopped and started again (the serial
+# line reopens by itself every 0.5 s and is left alone).
+DEVICE_RESTART_AFTER_S = 10.0
 EXIT_FATAL = 70  # EX_SOFTWARE: a part could not recover; systemd restarts the process
 
 
@@ -248,7 +251,9 @@ class Gateway:
     def _start_device(self, name: str, dev: object, start_args: int = 2) -> None:
         """Start a device now or, absent or failing, record the fault and keep trying in the
         background: recording goes on with the rest."""
-        runner = DeviceRunner(name, dev, self.q.put, self.q.put, start_args=start_args)
+        restart = DEVICE_RESTART_AFTER_S if name in ("camera", "microphone") else None
+        runner = DeviceRunner(name, dev, self.q.put, self.q.put, start_args=start_args,
+                              restart_after_s=restart)
         self.runners[name] = runner
         runner.start()
 
@@ -347,6 +352,8 @@ class Gateway:
             self._next_clock_poll = now + CLOCK_POLL_NS
             self._poll_clock(now)
         self.supervisor.poll()
+        for runner in self.runners.values():
+            runner.check(now)
         if self.watchdog is not None:
             self.watchdog.tick(time.monotonic())
 

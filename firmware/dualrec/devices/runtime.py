@@ -307,7 +307,8 @@ class DeviceRunner:
 
     def __init__(self, name: str, device: Any, sink: Callable[[Any], None], events: EventSink,
                  *, backoff_first_s: float = BACKOFF_FIRST_S,
-                 backoff_cap_s: float = BACKOFF_CAP_S, start_args: int = 2) -> None:
+                 backoff_cap_s: float = BACKOFF_CAP_S, start_args: int = 2,
+                 restart_after_s: float | None = None) -> None:
         self.name = name
         self.device = device
         self._sink = sink
@@ -315,6 +316,10 @@ class DeviceRunner:
         self.emit = EventEmitter(name, events)
         self._backoff = Backoff(backoff_first_s, backoff_cap_s)
         self._start_args = start_args  # a panel starts with (events) only
+        # A running device whose own fault lasts this long is stopped and started again
+        # (None: the backend heals itself, as the serial line reopening every 0.5 s does).
+        self.restart_after_s = restart_after_s
+        self.restarts = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -359,6 +364,7 @@ class DeviceRunner:
 
     def _try_start(self) -> bool:
         self.attempts += 1
+        prior = self.fault_since_ns  # the fault this start would end
         try:
             if self._start_args == 1:
                 self.device.start(self.report)
@@ -383,7 +389,11 @@ class DeviceRunner:
                 log.warning("%s: %s", self.name, reason)
             return False
         with self._lock:
-            since, self.fault, self.fault_since_ns = self.fault_since_ns, None, None
+            since = prior
+            if self.fault_since_ns == prior:
+                self.fault = self.fault_since_ns = None
+            else:  # the device reported a new fault while starting: it stands
+                since = None
             self.running = True
             self.last_delivery_ns = time.monotonic_ns()
         self._backoff.reset()
@@ -392,6 +402,28 @@ class DeviceRunner:
             self.emit("fault_cleared", {"device": self.name, "gap_ns": time.monotonic_ns() - since,
                                         "attempts": self.attempts})
         return True
+
+    def check(self, now_ns: int) -> None:
+        """Restart a running device stuck in its own fault (a capture thread that died, an
+        encoder that failed): called from the gateway's loop; the stop and the retries run on
+        the runner's thread, so the loop never waits for a wedged driver."""
+        since = self.fault_since_ns
+        if (self.restart_after_s is None or not self.running or since is None
+                or now_ns - since < self.restart_after_s * NS or self._stop.is_set()
+                or (self._thread is not None and self._thread.is_alive())):
+            return
+        self.restarts += 1
+        log.warning("%s: in a fault for %.0f s (%s); restarting it", self.name,
+                    (now_ns - since) / NS, self.fault)
+        self._backoff.reset()
+        self._thread = threading.Thread(target=self._restart, name=f"join-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _restart(self) -> None:
+        self._stop_device()
+        if not self._try_start():
+            self._retry_loop()
 
     def _retry_loop(self) -> None:
         while not self._stop.wait(self._backoff.next()):
