@@ -12,6 +12,7 @@ import click
 
 from dualrec.config import ConfigError, load_board, load_site
 from dualrec.devices.base import DeviceError
+from dualrec.shield import shield
 
 BOARD = click.option("--board", "board_path", type=click.Path(path_type=Path), required=True,
                      help="Board profile TOML (boards/<name>.toml).")
@@ -89,7 +90,7 @@ def diag(board_path: Path, site_path: Path) -> None:
         raise click.ClickException(str(exc)) from None
     checks = run_all(board, site)
     for c in checks:
-        click.echo(c.line())
+        click.echo(shield(c.line()))
     failed = [c.name for c in checks if not c.ok]
     click.echo(f"{len(checks) - len(failed)} passed, {len(failed)} failed"
                + (f": {', '.join(failed)}" if failed else ""))
@@ -107,6 +108,9 @@ def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    from dualrec import shield as number_shield
+
+    number_shield.install()  # no customer number in the journal
     # Handlers first: a stop asked for while the gateway is still importing is honoured.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +124,7 @@ def run(board_path: Path, site_path: Path, duration: float | None, verbose: bool
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         raise SystemExit(EX_CONFIG) from None
+    number_shield.configure(site.shield.patterns)
     key_problems = check_device_key(site)
     if key_problems:
         for p in key_problems:

@@ -241,6 +241,19 @@ class TransactionsSection(_Strict):
         return steps
 
 
+class ShieldSection(_Strict):
+    """The number shield (dualrec.shield): what is masked outside sealed evidence."""
+
+    patterns: list[str] = Field(default=[], description="Regular expressions masked with "
+                                "asterisks in logs and on every other surface, in addition to "
+                                "resident ID, bank card and mobile numbers.")
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        return _regexes(patterns)
+
+
 class SealSection(_Strict):
     recipients: Annotated[list[str], Field(min_length=1)]
     escrow: str | None = None
@@ -299,6 +312,7 @@ class SiteConfig(_Strict):
     recording: RecordingSection = RecordingSection()
     oplog: OpLogSection = OpLogSection()
     transactions: TransactionsSection = TransactionsSection()
+    shield: ShieldSection = ShieldSection()
     seal: SealSection
     spool: SpoolSection
     uplink: UplinkSection | None = None

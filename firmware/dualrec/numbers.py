@@ -89,3 +89,27 @@ def find(text: str) -> list[Found]:
 
 def is_customer_number(value: str) -> bool:
     return classify(value) is not None or bool(find(value))
+
+
+def _mask_one(kind: str, value: str) -> str:
+    digits = value.replace(" ", "").replace("-", "")
+    if kind == "card":
+        return f"{digits[:4]} **** **** {digits[-4:]}"
+    if kind == "id":
+        return digits[:3] + "*" * (len(digits) - 7) + digits[-4:]
+    return digits[:3] + "****" + digits[-4:]  # mobile
+
+
+def mask(text: str, extra: tuple[re.Pattern[str], ...] = ()) -> str:
+    """text with every customer number masked (`6222 **** **** 1234`, `110***********457X`,
+    `138****5678`) and every match of the site's extra patterns replaced by asterisks."""
+    found = find(text)
+    if found:
+        parts, pos = [], 0
+        for f in found:
+            parts += [text[pos:f.start], _mask_one(f.kind, text[f.start:f.end])]
+            pos = f.end
+        text = "".join(parts) + text[pos:]
+    for pattern in extra:
+        text = pattern.sub(lambda m: "*" * len(m.group()), text)
+    return text

@@ -804,6 +804,7 @@ def monitor(port: str, seconds: float | None, encoding: str = "utf-8",
 
     from dualrec.devices.base import DeviceError
     from dualrec.devices.picotap import resolve_port
+    from dualrec.shield import shield
 
     try:
         path = resolve_port(port)
@@ -821,7 +822,7 @@ def monitor(port: str, seconds: float | None, encoding: str = "utf-8",
             waiting = ser.in_waiting
             data = first + ser.read(waiting) if waiting else first
             for line in view.feed(data, time.monotonic() - t0):
-                echo(line)
+                echo(shield(line))  # the teller's lines carry customer numbers
     except KeyboardInterrupt:
         pass
     except (serial.SerialException, OSError) as exc:

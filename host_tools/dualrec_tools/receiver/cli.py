@@ -46,6 +46,9 @@ def serve_cmd(data_dir: Path, keys_dir: Path, listen: str, admin_listen: str,
     """Serve until SIGTERM; print LISTENING https://HOST:PORT admin http://HOST:PORT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
                         "%(message)s")
+    from dualrec import shield
+
+    shield.install()  # nothing a client sends puts a customer number into the log
     host, port = _hostport(listen)
     admin_host, admin_port = _hostport(admin_listen)
     serve(ReceiverConfig(data_dir=data_dir, keys_dir=keys_dir, host=host, port=port,
