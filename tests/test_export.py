@@ -5,6 +5,7 @@ clapper instants line up in the export within a frame."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pyrage
 import pytest
 from click.testing import CliRunner, Result
 
+from dualrec import numbers
 from dualrec.segment_format import payload_name
 from dualrec_tools.cli import main
 from dualrec_tools.export import decrypt_payload, load_identities, srt_document
@@ -61,11 +63,14 @@ def test_mkv_has_video_audio_and_the_log_as_subtitles(built: Recording, exported
         ["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(mkv)],
         capture_output=True, check=True, text=True).stdout)
     assert [(s["codec_type"], s["codec_name"]) for s in probe["streams"]] == [
-        ("video", "h264"), ("audio", "pcm_s16le"), ("subtitle", "subrip")]
+        ("video", "h264"), ("audio", "pcm_s16le"), ("subtitle", "subrip"), ("subtitle", "subrip")]
     assert probe["streams"][2]["disposition"]["default"] == 1
+    assert probe["streams"][2]["tags"]["language"] == "chi"
+    assert probe["streams"][3]["tags"] == {"title": "time code", "language": "zxx"} | {
+        k: v for k, v in probe["streams"][3]["tags"].items() if k not in ("title", "language")}
 
     with av.open(str(mkv)) as c:
-        assert [s.type for s in c.streams] == ["video", "audio", "subtitle"]
+        assert [s.type for s in c.streams] == ["video", "audio", "subtitle", "subtitle"]
         video_ms, samples, cues = [], 0, []
         for packet in c.demux():
             if packet.pts is None or packet.size == 0:
@@ -75,7 +80,7 @@ def test_mkv_has_video_audio_and_the_log_as_subtitles(built: Recording, exported
                 assert packet.time_base == c.streams.video[0].time_base
             elif packet.stream.type == "audio":
                 samples += sum(f.samples for f in packet.decode())
-            else:
+            elif packet.stream.index == 2:
                 cues.append((packet.pts, bytes(packet).decode()))
     # the segments' timestamps are kept: one session timeline, 10 fps, three 2 s segments
     assert video_ms == [i * 100 for i in range(60)]
@@ -87,6 +92,32 @@ def test_mkv_has_video_audio_and_the_log_as_subtitles(built: Recording, exported
         expected.setdefault((r["t_mono_ns"] - built.origin_a) // MS, []).append(r["text"])
     assert cues == [(ms, "\n".join(texts)) for ms, texts in expected.items()]
     assert (500, "MARK 1 t=1000500000000") in cues
+
+
+def test_export_for_the_regulator_read_back_by_ffprobe(built: Recording, exported: Path) -> None:
+    """The file's tags (wall-clock start, device, session, completeness), the log track's
+    language, every cue shown until the next line and for at most 3 s, the time-code track's
+    cues one second apart; beside it a masked transcript and the verification report."""
+    mkv = exported / f"{built.session_a}.mkv"
+    probe = json.loads(subprocess.run(
+        ["ffprobe", "-v", "error", "-show_format", "-show_packets", "-of", "json", str(mkv)],
+        capture_output=True, check=True, text=True).stdout)
+    tags = probe["format"]["tags"]
+    assert tags["DEVICE"] == "box-0001" and tags["SESSION"] == built.session_a
+    assert tags["DATE_RECORDED"].endswith("Z") and tags["DATE_RECORDED"].startswith("20")
+    log_cues = [p for p in probe["packets"] if p["stream_index"] == 2]
+    assert log_cues and all(0 < float(p["duration_time"]) <= 3.0 for p in log_cues)
+    starts = [float(p["pts_time"]) for p in log_cues]
+    for p, nxt in zip(log_cues, starts[1:], strict=False):
+        assert float(p["pts_time"]) + float(p["duration_time"]) <= nxt + 1e-6
+    clock = [float(p["pts_time"]) for p in probe["packets"] if p["stream_index"] == 3]
+    assert len(clock) >= 5 and all(abs(b - a - 1) < 1e-3 for a, b in itertools.pairwise(clock))
+    transcript = (exported / f"{built.session_a}.transcript.txt").read_text()
+    assert "MARK 1" in transcript and not numbers.find(transcript)
+    raw = (exported / f"{built.session_a}.oplog.jsonl").read_text()
+    assert numbers.find("".join(json.loads(x)["text"] for x in raw.splitlines()))  # raw kept
+    assert (exported / f"{built.session_a}.verify.txt").read_text().splitlines()[-1] == \
+        "VERIFIED"
 
 
 def test_records_are_exported_unchanged(built: Recording, exported: Path) -> None:
@@ -180,3 +211,18 @@ def test_subtitle_cues_hold_three_seconds_or_until_the_next_line() -> None:
 def test_export_files_are_private(exported: Path) -> None:
     for f in exported.iterdir():
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
+
+
+def test_an_overlong_line_is_one_cue_of_bounded_text() -> None:
+    """A 1 MiB line arrives as overlong pieces (the framer cuts at max_line) stamped over
+    a minute and a half: one cue, not hundreds shown for under a millisecond each, and its
+    text capped for the screen (the whole line stays in oplog.jsonl and the transcript)."""
+    from dualrec_tools.export import CUE_MAX_CHARS, srt_document
+
+    pieces = [{"t_mono_ns": k * 300 * MS, "text": "x" * 4096,
+               "flags": ["overlong"] + (["continued"] if k else [])} for k in range(256)]
+    pieces.append({"t_mono_ns": 256 * 300 * MS, "text": "next line", "flags": []})
+    doc, cues = srt_document(pieces, 0)
+    assert cues == 2
+    first = doc.decode().split("\n\n")[0].splitlines()
+    assert len("".join(first[2:])) <= CUE_MAX_CHARS + 1

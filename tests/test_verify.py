@@ -45,7 +45,7 @@ ORIGIN_B = ORIGIN_A + 20 * NS
 SID_S, SID_T = "20250301T090100Z-00000e", "20250301T090200Z-00000f"
 SEG_NS = 2 * NS
 CLAPS_A = (500 * MS, 2_700 * MS, 4_300 * MS)  # on the 10 fps frame grid, one per segment
-LINE_TEXTS = ("交易开始 TXN=1", "身份证 110101199003074578", "卡号 6222020200112233445",
+LINE_TEXTS = ("交易开始 TXN=1", "身份证 320102199008027712", "卡号 6217008792174210",
               "交易结束 TXN=1")
 
 

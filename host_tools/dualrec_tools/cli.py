@@ -8,6 +8,7 @@ parses arguments, prints and sets the exit code.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,21 +191,48 @@ def verify(directory: Path, key_paths: tuple[Path, ...], identity_path: Path | N
               help="Device public key(s); without one, signatures are not checked.")
 @click.option("--out", "out_dir", type=DIRECTORY, required=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Export even if verification finds problems.")
+@click.option("--tz", "tz_name", default=None,
+              help="The branch's time zone for local times (IANA name, e.g. Asia/Shanghai); "
+                   "default: this computer's.")
+@click.option("--counter", default=None, help="The counter's name, for the file's tags.")
+@click.option("--language", default="chi", show_default=True,
+              help="ISO 639-2 language of the operation log's subtitle track.")
+@click.option("--no-timecode", is_flag=True, help="Leave out the time-code subtitle track.")
 def export(session: str, identity_path: Path, spool: Path, key_paths: tuple[Path, ...],
-           out_dir: Path, force: bool) -> None:
-    """Write SESSION.mkv (video, audio, operation log as subtitles), SESSION.oplog.jsonl and
-    SESSION.events.jsonl to --out."""
+           out_dir: Path, force: bool, tz_name: str | None, counter: str | None,
+           language: str, no_timecode: bool) -> None:
+    """Write SESSION.mkv (video, audio, the operation log and a time code as subtitles, tags
+    with the wall-clock start, device, counter and transaction), and beside it the raw
+    SESSION.oplog.jsonl and SESSION.events.jsonl, a masked SESSION.transcript.txt and the
+    verification report SESSION.verify.txt, to --out."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     keys_ = _load_keys(key_paths) if key_paths else None
     try:
-        done = export_session(spool, session, out_dir, load_identities(identity_path), keys_,
-                              force=force)
+        tz = ZoneInfo(tz_name) if tz_name else None
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageFailure(f"--tz {tz_name!r} is not a time zone name") from None
+    if not (len(language) == 3 and language.isascii() and language.isalpha()):
+        raise UsageFailure("--language takes a three-letter ISO 639-2 code (chi, eng ...)")
+    try:
+        with click.progressbar(length=1, label="segments", file=sys.stderr,
+                               show_pos=True) as bar:
+            def step(n: int) -> None:
+                if bar.pos + n > bar.length:
+                    bar.length = bar.pos + n
+                bar.update(n)
+
+            done = export_session(spool, session, out_dir, load_identities(identity_path),
+                                  keys_, force=force, tz=tz, counter=counter,
+                                  language=language.lower(), timecode=not no_timecode,
+                                  progress=step)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     for note in done.notes:
         click.echo(note, err=True)
     click.echo(f"exported {len(done.seqs)} segments (seq {done.seqs[0]}..{done.seqs[-1]}), "
                f"{done.lines} log lines:")
-    for path in (done.mkv, done.oplog, done.events):
+    for path in (done.mkv, done.oplog, done.events, done.transcript, done.report):
         click.echo(f"  {path}")
 
 

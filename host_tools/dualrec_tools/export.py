@@ -20,8 +20,9 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,11 +32,14 @@ import pyrage
 
 from dualrec.schema import EventRecord, LineRecord, SchemaError, validate
 from dualrec.segment import MEDIA_NAME
+from dualrec_tools import regulator
+from dualrec_tools.session_labels import read_transaction
 from dualrec_tools.verify import DeviceKey, Report, SessionInfo, verify_dir
 
 NS = 1_000_000_000
 MS = 1_000_000
 CUE_HOLD_NS = 3 * NS  # how long a log line stays on screen unless the next one replaces it
+CUE_MAX_CHARS = 400
 OUTPUT_MODE = 0o600
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # it becomes a file name
 _LINE_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\u2028": " ", "\u2029": " "})
@@ -53,6 +57,8 @@ class Exported:
     mkv: Path
     oplog: Path
     events: Path
+    transcript: Path  # the log as read by a reviewer: times and masked text
+    report: Path  # the verification report of the segments used
     seqs: list[int]  # the segments whose content is in the export
     origin_ns: int
     lines: int
@@ -117,6 +123,18 @@ def _srt_time(ns: int) -> str:
     return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
 
 
+def _cap(texts: list[str]) -> list[str]:
+    """A cue's lines, at most CUE_MAX_CHARS characters in all: a megabyte line is for the
+    transcript and oplog.jsonl, not for the screen."""
+    out, room = [], CUE_MAX_CHARS
+    for text in texts:
+        if room <= 0:
+            break
+        out.append(text if len(text) <= room else text[:room] + "…")
+        room -= len(text)
+    return out
+
+
 def _display(text: str) -> str:
     return text.translate(_LINE_BREAKS).translate(_CONTROLS).strip()
 
@@ -135,10 +153,12 @@ def srt_document(records: Iterable[dict[str, Any]], origin_ns: int,
         if not text:
             continue
         t = max(0, rec["t_mono_ns"] - origin_ns) // MS * MS
-        if groups and groups[-1][0] == t:
+        if groups and (groups[-1][0] == t or "continued" in rec.get("flags", ())):
+            # a piece of an overlong line belongs to its line's cue, not a cue of its own
             groups[-1][1].append(text)
         else:
             groups.append((t, [text]))
+    groups = [(t, _cap(texts)) for t, texts in groups]
     groups.sort(key=lambda g: g[0])
     cues = []
     for n, (start, texts) in enumerate(groups):
@@ -186,10 +206,23 @@ def _same_format(a: av.stream.Stream, b: av.stream.Stream) -> bool:
     return True
 
 
-def mux_session(media: Sequence[tuple[int, bytes]], srt: bytes, out_file: BinaryIO) -> None:
-    """Remux the segments' media.mkv (seq, bytes) and the SubRip log into one Matroska file."""
+@dataclass(frozen=True)
+class SubtitleTrack:
+    srt: bytes
+    title: str
+    language: str  # ISO 639-2, as Matroska tags tracks
+    default: bool
+
+
+def mux_session(media: Sequence[tuple[int, bytes]], srt: bytes, out_file: BinaryIO,
+                tags: dict[str, str] | None = None, language: str = "chi",
+                extra_tracks: Sequence[SubtitleTrack] = ()) -> None:
+    """Remux the segments' media.mkv (seq, bytes) and the SubRip log into one Matroska file,
+    with the file's tags and further subtitle tracks (a time code)."""
     inputs = [(seq, av.open(io.BytesIO(data), "r", format="matroska")) for seq, data in media]
-    subs = av.open(io.BytesIO(srt), "r", format="srt") if srt else None
+    tracks = ([SubtitleTrack(srt, "operation log", language, True)] if srt else []) + [
+        t for t in extra_tracks if t.srt]
+    opened = [(t, av.open(io.BytesIO(t.srt), "r", format="srt")) for t in tracks]
     try:
         with av.open(out_file, "w", format="matroska") as out:
             templates: dict[str, av.stream.Stream] = {}
@@ -209,18 +242,22 @@ def mux_session(media: Sequence[tuple[int, bytes]], srt: bytes, out_file: Binary
             streams: list[Iterator[_Keyed]] = [
                 itertools.chain.from_iterable(_sorted_packets(inp, targets) for _, inp in inputs)
             ]
-            if subs is not None:
+            for track, subs in opened:
                 sub_out = out.add_stream_from_template(subs.streams[0])
-                sub_out.metadata["title"] = "operation log"
-                # shown by default, so a player puts the log on screen without being asked
-                sub_out.disposition = av.stream.Disposition.default
+                sub_out.metadata["title"] = track.title
+                sub_out.metadata["language"] = track.language
+                if track.default:
+                    # shown by default, so a player puts the log on screen without being asked
+                    sub_out.disposition = av.stream.Disposition.default
                 streams.append(_sorted_packets(subs, {"subtitle": sub_out}))
+            for key, value in (tags or {}).items():
+                out.metadata[key] = value
             for _, _, pkt in heapq.merge(*streams, key=lambda k: (k[0], k[1])):
                 out.mux(pkt)
     finally:
         for _, inp in inputs:
             inp.close()
-        if subs is not None:
+        for _, subs in opened:
             subs.close()
 
 
@@ -252,7 +289,10 @@ def _recording_end(report: Report, info: SessionInfo, origin: int) -> int | None
 
 def export_session(spool: Path, session: str, out_dir: Path,
                    identities: Sequence[pyrage.x25519.Identity],
-                   keys: Sequence[DeviceKey] | None, *, force: bool = False) -> Exported:
+                   keys: Sequence[DeviceKey] | None, *, force: bool = False,
+                   tz: tzinfo | None = None, counter: str | None = None,
+                   language: str = "chi", timecode: bool = True,
+                   progress: Callable[[int], None] = lambda n: None) -> Exported:
     """Verify, decrypt and export one session; raise ExportError with the reason if refused.
 
     keys None: signatures are not checked (the note in the result says so). force: export what
@@ -281,6 +321,7 @@ def export_session(spool: Path, session: str, out_dir: Path,
     oplog, events, media, seqs = [], [], [], []
     origin_from_header = None
     for seq in info.seqs:
+        progress(1)
         hf = report.chain[seq]
         if hf.header is not None and hf.header["session_index"] == 0:
             # The segmenter opens index 0 at the origin: the fallback if the event is missing.
@@ -313,12 +354,23 @@ def export_session(spool: Path, session: str, out_dir: Path,
     line_records = [r for chunk in oplog for r in jsonl(chunk, LineRecord)]
     srt, cues = srt_document(line_records, origin, _recording_end(report, info, origin))
 
+    tz = tz or datetime.now().astimezone().tzinfo or UTC
+    start_utc = regulator.origin_utc_ns(report, info, origin)
+    txn = read_transaction(info, report.chain, identities)
+    device = next((h.header["device"] for h in report.chain.values() if h.header), "")
+    tags = regulator.mkv_tags(session, device, counter, start_utc, txn, tz)
+    end = _recording_end(report, info, origin)
+    extra = []
+    if timecode and start_utc is not None and end is not None:
+        extra.append(SubtitleTrack(regulator.timecode_srt(start_utc, end, tz), "time code",
+                                   "zxx", False))
+
     out_dir.mkdir(parents=True, exist_ok=True)
     mkv = out_dir / f"{session}.mkv"
     tmp = out_dir / f".{session}.mkv.tmp"
     try:
         with _create_private(tmp) as f:
-            mux_session(media, srt, f)
+            mux_session(media, srt, f, tags, language, extra)
         os.replace(tmp, mkv)
     except ExportError:
         tmp.unlink(missing_ok=True)
@@ -328,6 +380,13 @@ def export_session(spool: Path, session: str, out_dir: Path,
         raise ExportError(f"session {session}: muxing the recording failed: {exc}") from None
     oplog_path = out_dir / f"{session}.oplog.jsonl"
     events_path = out_dir / f"{session}.events.jsonl"
+    transcript_path = out_dir / f"{session}.transcript.txt"
+    report_path = out_dir / f"{session}.verify.txt"
     _write(oplog_path, b"".join(oplog))
     _write(events_path, b"".join(events))
-    return Exported(mkv, oplog_path, events_path, seqs, origin, len(line_records), cues, notes)
+    head = [f"{k}: {v}" for k, v in tags.items()]
+    _write(transcript_path, regulator.transcript(line_records, origin, start_utc, tz,
+                                                 head).encode())
+    _write(report_path, regulator.verify_text(report, info).encode())
+    return Exported(mkv, oplog_path, events_path, transcript_path, report_path, seqs, origin,
+                    len(line_records), cues, notes)
