@@ -34,6 +34,7 @@ from dualrec_tools.receiver.store import (
     Outcome,
     ReceiverStore,
     cert_fingerprint,
+    head_json,
 )
 
 log = logging.getLogger("dualrec.receiver")
@@ -268,6 +269,18 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[STORE].status, device))
 
 
+async def get_head(request: web.Request) -> web.Response:
+    """The newest header held for the device on the connection (a box resuming its chain after
+    losing its state), or 404 not_stored."""
+    device = await _authenticate(request)
+    if isinstance(device, web.Response):
+        return device
+    head = await asyncio.to_thread(request.app[STORE].head, device)
+    if head is None:
+        return refuse(device, "-", "not_stored", "no header stored for this device")
+    return web.json_response(head_json(head))
+
+
 async def admin_status(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[STORE].status_all))
 
@@ -310,6 +323,7 @@ def make_app(store: ReceiverStore, max_payload: int = DEFAULT_MAX_PAYLOAD) -> we
     app.router.add_put(f"{seg}/payload", put_payload)
     app.router.add_get(f"{seg}/receipt", get_receipt)
     app.router.add_get("/v1/devices/{device}/status", get_status)
+    app.router.add_get("/v1/devices/{device}/head", get_head)
     return app
 
 

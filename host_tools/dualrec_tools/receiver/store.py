@@ -3,7 +3,13 @@
 Files live under data_dir/devices/<device>/ with the segment file names of docs/FORMAT.md; an
 SQLite index (data_dir/receiver.db, WAL, synchronous=FULL) holds the enrolled devices, every
 stored header with its hash, payload flag and receipt, the problems seen (forks, broken links,
-bad signatures, mismatched payloads...) and the time of each device's last contact.
+bad signatures, mismatched payloads...) and the time of each device's last contact. It is the
+embedded implementation of storage.Storage.
+
+Whatever arrives, the index stays bounded: problems are one row per (device, seq, kind) with a
+count, at most MAX_PROBLEM_ROWS per device (then one row per kind), and at most
+MAX_UNKNOWN_NAMES distinct names that are not enrolled (the rest count under "(other)"). Files
+are created 0600 and directories 0750: receiver.db holds every header.
 
 Every operation is idempotent on (device, seq, header SHA-256): the same header or payload again
 gets the same answer and stores nothing new; a receipt is signed once and its bytes returned ever
@@ -15,6 +21,7 @@ crash between the two leaves a file that the next identical upload overwrites.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -47,10 +54,16 @@ from dualrec.segment_format import (
     verify_signature,
 )
 from dualrec_tools.pki import device_id_of
+from dualrec_tools.receiver.storage import DeviceFigures, Head, RetentionCandidate
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Bytes of a payload kept in memory to find its age header (a few hundred bytes in practice).
 AGE_PREFIX = 64 * 1024
+# Bounds on the problems table (module issue 12: 400 requests with 7 KB names added 5.4 MB).
+MAX_PROBLEM_ROWS = 500  # per device; beyond, a problem is counted under seq NULL
+MAX_UNKNOWN_NAMES = 64  # distinct device names that are not enrolled
+OTHER = "(other)"  # where problems of further unknown or invalid names are counted
+DETAIL_MAX = 300  # characters of a problem's detail kept (the latest one)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -60,6 +73,9 @@ CREATE TABLE IF NOT EXISTS segments (
     device TEXT NOT NULL, seq INTEGER NOT NULL, header_sha256 TEXT NOT NULL,
     header BLOB NOT NULL, payload_stored INTEGER NOT NULL DEFAULT 0, receipt BLOB,
     header_at INTEGER NOT NULL, payload_at INTEGER, PRIMARY KEY (device, seq));
+CREATE TABLE IF NOT EXISTS holds (
+    device TEXT NOT NULL, session TEXT NOT NULL DEFAULT '', note TEXT NOT NULL,
+    at INTEGER NOT NULL, PRIMARY KEY (device, session));
 CREATE TABLE IF NOT EXISTS problems (
     id INTEGER PRIMARY KEY, device TEXT NOT NULL, seq INTEGER, kind TEXT NOT NULL,
     detail TEXT NOT NULL, at INTEGER NOT NULL, last_at INTEGER NOT NULL,
@@ -67,6 +83,12 @@ CREATE TABLE IF NOT EXISTS problems (
 CREATE INDEX IF NOT EXISTS problems_by_device ON problems (device, seq);
 CREATE TABLE IF NOT EXISTS contact (device TEXT PRIMARY KEY, last_contact INTEGER NOT NULL);
 """
+# Columns added after the first release (ALTER TABLE on an older receiver.db): what metrics and
+# retention read without parsing every header again. deleted_at: retention removed the files;
+# the row stays (its hash keeps the seq taken and the chain's link checkable) with header b"".
+SEGMENT_COLUMNS = {"session": "TEXT", "end_utc_ns": "INTEGER", "payload_size": "INTEGER",
+                   "clock_synced": "INTEGER", "clock_error_ns": "INTEGER", "firmware": "TEXT",
+                   "deleted_at": "INTEGER"}
 
 
 class EnrollError(ValueError):
@@ -118,6 +140,22 @@ def cert_fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def _header_columns(header: dict[str, Any]) -> tuple[Any, ...]:
+    clock = header.get("clock") or {}
+    return (header.get("session"), header["end"]["utc_ns"], header["payload"]["size"],
+            int(bool(clock.get("synced"))), clock.get("est_error_ns"), header.get("firmware"))
+
+
+def _private_db(path: Path) -> None:
+    """receiver.db (every header) and its -wal/-shm are 0600: SQLite gives the journal files
+    the main file's mode, so creating that one first is enough."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists() and p.stat().st_mode & 0o077:
+            p.chmod(0o600)
+
+
 def _gaps(seqs: list[int]) -> list[list[int]]:
     """Missing seqs below the highest, as inclusive [first, last] ranges (seqs sorted)."""
     out, expect = [], 0
@@ -147,8 +185,9 @@ class ReceiverStore:
         self.data_dir = data_dir
         self.receiver_id = receiver_id
         self._receipt_key = receipt_key
-        data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "devices").mkdir(exist_ok=True)
+        data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        (data_dir / "devices").mkdir(mode=0o750, exist_ok=True)
+        _private_db(data_dir / "receiver.db")
         # One connection shared by worker threads, serialised by _db_lock; autocommit mode so
         # transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = sqlite3.connect(data_dir / "receiver.db", isolation_level=None,
@@ -162,6 +201,18 @@ class ReceiverStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")  # `enroll` from another process
             self._db.executescript(SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(segments)")}
+            for name, kind in SEGMENT_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE segments ADD COLUMN {name} {kind}")
+            if "session" not in have:  # fill the new columns of an older index once
+                for r in self._db.execute("SELECT device, seq, header FROM segments").fetchall():
+                    cols = _header_columns(parse_header(bytes(r["header"])))
+                    self._db.execute("UPDATE segments SET session=?, end_utc_ns=?, payload_size=?,"
+                                     " clock_synced=?, clock_error_ns=?, firmware=? WHERE "
+                                     "device=? AND seq=?", (*cols, r["device"], r["seq"]))
+            self._db.execute("CREATE INDEX IF NOT EXISTS segments_by_end ON segments "
+                             "(device, deleted_at, end_utc_ns)")
 
     def close(self) -> None:
         with self._db_lock:
@@ -237,7 +288,7 @@ class ReceiverStore:
             if not same:
                 db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?)",
                            (device_id, signing_pub_pem, cert_pem, fingerprint, time.time_ns()))
-        self.device_dir(device_id).mkdir(exist_ok=True)
+        self.device_dir(device_id).mkdir(mode=0o750, exist_ok=True)
         enrolled = self.device(device_id)
         assert enrolled is not None
         return enrolled
@@ -250,6 +301,9 @@ class ReceiverStore:
         return Device(r["id"], bytes(r["signing_key_pem"]), bytes(r["cert_pem"]),
                       r["cert_sha256"], r["enrolled_at"])
 
+    def devices(self) -> list[str]:
+        return [r[0] for r in self._rows("SELECT id FROM devices ORDER BY id")]
+
     def touch(self, device: str) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO contact VALUES (?, ?)", (device, time.time_ns()))
@@ -257,18 +311,40 @@ class ReceiverStore:
     def record_problem(self, device: str, seq: int | None, kind: str, detail: str,
                        evidence: bytes | None = None) -> None:
         """Record a refusal that concerns evidence. A box retries with backoff, so the same
-        problem again only bumps its count and last time."""
+        problem again (device, seq, kind) only bumps its count and last time and keeps the
+        latest detail; the first evidence stays. Bounded: see the module docstring."""
         now = time.time_ns()
+        detail = detail[:DETAIL_MAX]
         with self._tx() as db:
-            row = db.execute("SELECT id FROM problems WHERE device=? AND seq IS ? AND kind=? "
-                             "AND detail=?", (device, seq, kind, detail)).fetchone()
+            device = self._problem_name(db, device)
+            row = db.execute("SELECT id FROM problems WHERE device=? AND seq IS ? AND kind=?",
+                             (device, seq, kind)).fetchone()
+            if row is None and seq is not None and db.execute(
+                    "SELECT count(*) FROM problems WHERE device=?", (device,)
+                    ).fetchone()[0] >= MAX_PROBLEM_ROWS:
+                seq, evidence = None, None  # full: count it per kind only
+                row = db.execute("SELECT id FROM problems WHERE device=? AND seq IS NULL AND "
+                                 "kind=?", (device, kind)).fetchone()
             if row:
-                db.execute("UPDATE problems SET count=count+1, last_at=? WHERE id=?",
-                           (now, row["id"]))
+                db.execute("UPDATE problems SET count=count+1, last_at=?, detail=? WHERE id=?",
+                           (now, detail, row["id"]))
             else:
                 db.execute("INSERT INTO problems (device, seq, kind, detail, at, last_at, "
                            "evidence) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (device, seq, kind, detail, now, now, evidence))
+
+    @staticmethod
+    def _problem_name(db: sqlite3.Connection, device: str) -> str:
+        """The name a problem is filed under: an enrolled or already tracked one as it is; a
+        new unknown one only while fewer than MAX_UNKNOWN_NAMES are tracked."""
+        if not DEVICE_ID.match(device):
+            return OTHER
+        if db.execute("SELECT 1 FROM devices WHERE id=? UNION ALL SELECT 1 FROM problems "
+                      "WHERE device=? LIMIT 1", (device, device)).fetchone():
+            return device
+        unknown = db.execute("SELECT count(DISTINCT device) FROM problems WHERE device NOT IN "
+                             "(SELECT id FROM devices)").fetchone()[0]
+        return device if unknown < MAX_UNKNOWN_NAMES else OTHER
 
     def _refuse(self, device: str, seq: int, kind: str, detail: str,
                 evidence: bytes | None = None) -> Outcome:
@@ -283,7 +359,9 @@ class ReceiverStore:
             if dev is None:
                 return self._refuse(device, seq, "unknown_device", "device is not enrolled")
             stored = self._segment(device, seq)
-            if stored is not None and bytes(stored["header"]) == header_bytes:
+            if stored is not None and (bytes(stored["header"]) == header_bytes or (
+                    stored["deleted_at"] is not None
+                    and header_hash(header_bytes) == stored["header_sha256"])):
                 return self._answer(stored)  # a retry, perhaps after a lost answer
             try:
                 header = parse_header(header_bytes)
@@ -307,12 +385,14 @@ class ReceiverStore:
             if link:
                 return self._refuse(device, seq, "bad_link", link, header_bytes)
             directory = self.device_dir(device)
-            directory.mkdir(exist_ok=True)
+            directory.mkdir(mode=0o750, exist_ok=True)
             write_durable(directory / header_name(seq), header_bytes)
             with self._tx() as db:
-                db.execute("INSERT INTO segments (device, seq, header_sha256, header, header_at)"
-                           " VALUES (?, ?, ?, ?, ?)",
-                           (device, seq, digest, header_bytes, time.time_ns()))
+                db.execute("INSERT INTO segments (device, seq, header_sha256, header, header_at,"
+                           " session, end_utc_ns, payload_size, clock_synced, clock_error_ns, "
+                           "firmware) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (device, seq, digest, header_bytes, time.time_ns(),
+                            *_header_columns(header)))
             return Outcome("awaiting_payload")
 
     def _answer(self, row: sqlite3.Row) -> Outcome:
@@ -330,7 +410,8 @@ class ReceiverStore:
             return f"prev does not match the hash of stored seq {seq - 1} ({prev} != " \
                    f"{before['header_sha256']})"
         after = self._segment(device, seq + 1)
-        if after is not None and parse_header(bytes(after["header"]))["prev"] != digest:
+        if after is not None and after["deleted_at"] is None and \
+                parse_header(bytes(after["header"]))["prev"] != digest:
             return f"stored seq {seq + 1} does not link to this header ({digest})"
         return None
 
@@ -370,7 +451,7 @@ class ReceiverStore:
             return self._refuse(device, seq, "fork", f"payload offered for header "
                                 f"{header_sha256}, but header {row['header_sha256']} is stored "
                                 f"under seq {seq}")
-        if row["payload_stored"]:
+        if row["payload_stored"] or row["deleted_at"] is not None:
             return self._answer(row)
         payload = parse_header(bytes(row["header"]))["payload"]
         if payload["size"] > max_size:
@@ -430,6 +511,14 @@ class ReceiverStore:
         row = self._segment(device, seq)
         return bytes(row["receipt"]) if row is not None and row["payload_stored"] else None
 
+    def head(self, device: str) -> Head | None:
+        """The newest header held (retention never deletes a device's newest segment)."""
+        rows = self._rows("SELECT seq, header, header_sha256 FROM segments WHERE device=? "
+                          "AND deleted_at IS NULL ORDER BY seq DESC LIMIT 1", device)
+        if not rows:
+            return None
+        return Head(rows[0]["seq"], bytes(rows[0]["header"]), rows[0]["header_sha256"])
+
     # -- bookkeeping ------------------------------------------------------------------------
 
     def status(self, device: str) -> dict[str, Any]:
@@ -469,3 +558,107 @@ class ReceiverStore:
             "UNION SELECT device FROM problems UNION SELECT device FROM contact")}
         return {"receiver": self.receiver_id,
                 "devices": {name: self.status(name) for name in sorted(names)}}
+
+    # -- figures for metrics and alerts -----------------------------------------------------
+
+    def figures(self) -> list[DeviceFigures]:
+        """Per enrolled device, in a few aggregate queries (a scrape must stay cheap)."""
+        seg = {r["device"]: r for r in self._rows(
+            "SELECT device, count(*) AS headers, sum(payload_stored) AS payloads, "
+            "sum(CASE WHEN payload_stored THEN coalesce(payload_size, 0) ELSE 0 END) AS bytes, "
+            "max(seq) AS highest, sum(deleted_at IS NOT NULL) AS deleted "
+            "FROM segments GROUP BY device")}
+        newest = {r["device"]: r for r in self._rows(
+            "SELECT s.device, s.clock_synced, s.clock_error_ns, s.firmware FROM segments s "
+            "JOIN (SELECT device, max(seq) AS seq FROM segments GROUP BY device) m "
+            "ON s.device = m.device AND s.seq = m.seq")}
+        probs: dict[str, dict[str, int]] = {}
+        for r in self._rows("SELECT device, kind, sum(count) AS n FROM problems "
+                            "GROUP BY device, kind"):
+            probs.setdefault(r["device"], {})[r["kind"]] = r["n"]
+        contact = {r[0]: r[1] for r in self._rows("SELECT device, last_contact FROM contact")}
+        out = []
+        for dev in self._rows("SELECT id, cert_pem FROM devices ORDER BY id"):
+            name, s_ = dev["id"], seg.get(dev["id"])
+            n = newest.get(name)
+            kinds = probs.get(name, {})
+            headers = s_["headers"] if s_ else 0
+            highest = s_["highest"] if s_ else None
+            try:
+                not_after = x509.load_pem_x509_certificate(bytes(dev["cert_pem"])) \
+                    .not_valid_after_utc.timestamp()
+            except ValueError:
+                not_after = None
+            out.append(DeviceFigures(
+                device=name, enrolled=True, headers=headers,
+                payloads=(s_["payloads"] or 0) if s_ else 0,
+                backlog=headers - ((s_["payloads"] or 0) if s_ else 0),
+                payload_bytes=(s_["bytes"] or 0) if s_ else 0, highest_seq=highest,
+                missing=0 if highest is None else highest + 1 - headers,
+                forks=kinds.get("fork", 0) + kinds.get("bad_link", 0), problems=kinds,
+                last_contact_ns=contact.get(name),
+                cert_not_after_ns=None if not_after is None else int(not_after * 1e9),
+                deleted=(s_["deleted"] or 0) if s_ else 0,
+                clock_synced=None if n is None or n["clock_synced"] is None
+                else bool(n["clock_synced"]),
+                clock_error_ns=n["clock_error_ns"] if n else None,
+                firmware=n["firmware"] if n else None))
+        return out
+
+    # -- retention --------------------------------------------------------------------------
+
+    def retention_candidates(self, device: str, limit: int) -> list[RetentionCandidate]:
+        """The oldest segments of device that retention may delete, lowest seq first, at most
+        limit: payload stored and receipted, and every seq below present (the chain was
+        checked link by link on the way in, so a contiguous run from seq 0 is verified). The
+        device's newest segment is never offered: it is the head a box resumes from."""
+        rows = self._rows("SELECT seq, header_sha256, payload_stored, receipt, session, "
+                          "end_utc_ns, deleted_at FROM segments WHERE device=? ORDER BY seq",
+                          device)
+        out: list[RetentionCandidate] = []
+        for expect, r in enumerate(rows[:-1]):  # never the newest
+            if r["seq"] != expect or not r["payload_stored"] or r["receipt"] is None:
+                break  # a gap or a payload still awaited: nothing above is verified yet
+            if r["deleted_at"] is not None:
+                continue
+            out.append(RetentionCandidate(device, r["seq"], r["header_sha256"], r["session"],
+                                          r["end_utc_ns"] or 0))
+            if len(out) >= limit:
+                break
+        return out
+
+    def delete_segments(self, device: str, seqs: list[int]) -> None:
+        """Remove the files of these segments; their index rows stay (hash and receipt) with
+        the header bytes dropped and deleted_at set. The caller logs the deletion first."""
+        now = time.time_ns()
+        with self._lock(device):
+            directory = self.device_dir(device)
+            for seq in seqs:
+                (directory / payload_name(seq)).unlink(missing_ok=True)
+                (directory / header_name(seq)).unlink(missing_ok=True)
+            if seqs:
+                fsync_dir(directory)
+            with self._tx() as db:
+                db.executemany("UPDATE segments SET header=?, deleted_at=? WHERE device=? AND "
+                               "seq=?", [(b"", now, device, seq) for seq in seqs])
+
+    def set_hold(self, device: str, session: str | None, held: bool, note: str = "") -> None:
+        """A legal hold on a whole device (session None) or one session: retention skips it."""
+        with self._tx() as db:
+            if held:
+                db.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)",
+                           (device, session or "", note[:DETAIL_MAX], time.time_ns()))
+            else:
+                db.execute("DELETE FROM holds WHERE device=? AND session=?",
+                           (device, session or ""))
+
+    def holds(self) -> list[dict[str, Any]]:
+        return [{"device": r["device"], "session": r["session"] or None, "note": r["note"],
+                 "since_utc_ns": r["at"]}
+                for r in self._rows("SELECT * FROM holds ORDER BY device, session")]
+
+
+def head_json(head: Head) -> dict[str, Any]:
+    """The body of GET /v1/devices/{device}/head (docs/UPLOAD.md)."""
+    return {"seq": head.seq, "header_sha256": head.header_sha256,
+            "header": base64.b64encode(head.header).decode()}
