@@ -69,6 +69,9 @@ class FaultLamp:
             shown = next((n for n in FAULT_PRIORITY if n in patterns), None)
             if shown is None and patterns:
                 shown = min(patterns)  # a name without a pattern: the panel shows it steady
+        self._set_quietly(shown)
+
+    def _set_quietly(self, shown: str | None) -> None:
         try:
             self._set(shown)
         except Exception:  # a failing panel must not take the reporting part down with it
@@ -77,6 +80,15 @@ class FaultLamp:
     def active(self) -> set[str]:
         with self._lock:
             return {n.split(":")[0] for n in self._active}
+
+    def refresh(self) -> None:
+        """Show the current state again (a panel that was not there has missed it)."""
+        with self._lock:
+            name = next(iter(self._active), None)
+        if name is None:
+            self._set_quietly(None)
+        else:  # re-adding an active name recomputes and shows the most urgent
+            self.set(name, True)
 
     def reporter(self, name: str) -> Callable[[str | None], None]:
         return lambda pattern: self.set(name, pattern is not None)
@@ -253,9 +265,16 @@ class Gateway:
         background: recording goes on with the rest."""
         restart = DEVICE_RESTART_AFTER_S if name in ("camera", "microphone") else None
         runner = DeviceRunner(name, dev, self.q.put, self.q.put, start_args=start_args,
-                              restart_after_s=restart)
+                              restart_after_s=restart,
+                              on_start=self._panel_joined if name == "panel" else None)
         self.runners[name] = runner
         runner.start()
+
+    def _panel_joined(self) -> None:
+        # A panel that joins late (or after a failed start, which resets its LEDs) is told
+        # what to show now: the customer's recording notice first, then the fault.
+        self._set_recording(self.recorder.state != "idle")
+        self.lamp.refresh()
 
     def _notifier(self):  # -> dualrec.sdnotify.Notifier, or a stand-in that does nothing
         try:
@@ -377,10 +396,14 @@ class Gateway:
         self._session_seen = session
         if session is None or not self.segmenter.active:
             return
-        for device, f in sorted(self.faults.missing_streams().items()):
+        # From the runners, not from the fault events: those may still wait in the queue.
+        for device, stream in STREAMS.items():
+            r = self.runners.get(device)
+            if r is None or r.fault is None:
+                continue
             self.segmenter.add(Event(self.recorder.session_start_ns, "stream_missing", {
-                "device": device, "stream": STREAMS[device], "reason": f["reason"],
-                "fault_since_mono_ns": f["since_mono_ns"]}))
+                "device": device, "stream": stream, "reason": r.fault,
+                "fault_since_mono_ns": r.fault_since_ns}))
 
     def _cut_without_video(self, now: int) -> None:
         """Segments are cut at keyframes; with the camera in a fault there are none, so cut

@@ -68,10 +68,6 @@ class FaultBoard:
             return
         self.write()
 
-    def missing_streams(self) -> dict[str, dict[str, Any]]:
-        """Faulted devices that give a stream: {device: fault}."""
-        return {f["device"]: f for k, f in self.active.items() if k in STREAMS}
-
     def write(self) -> None:
         """The status file diag reads: replaced atomically, so a reader never sees half."""
         if self.status_path is None:

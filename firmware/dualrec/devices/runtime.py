@@ -308,8 +308,10 @@ class DeviceRunner:
     def __init__(self, name: str, device: Any, sink: Callable[[Any], None], events: EventSink,
                  *, backoff_first_s: float = BACKOFF_FIRST_S,
                  backoff_cap_s: float = BACKOFF_CAP_S, start_args: int = 2,
-                 restart_after_s: float | None = None) -> None:
+                 restart_after_s: float | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.name = name
+        self._on_start = on_start  # the device runs (again): give it the state it missed
         self.device = device
         self._sink = sink
         self._events = events
@@ -397,6 +399,11 @@ class DeviceRunner:
             self.running = True
             self.last_delivery_ns = time.monotonic_ns()
         self._backoff.reset()
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except Exception:
+                log.exception("%s: bringing it up to date failed", self.name)
         if since is not None:
             log.warning("%s: joined after %d attempt(s)", self.name, self.attempts)
             self.emit("fault_cleared", {"device": self.name, "gap_ns": time.monotonic_ns() - since,
