@@ -1,4 +1,5 @@
-"""`dualrec`: the gateway's command line (run, check-config)."""
+"""`dualrec`: the gateway's command line (run, check-config, diag, chrony-conf,
+config-doc)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,15 @@ def chrony_conf(board_path: Path, server: str) -> None:
         click.echo(str(exc), err=True)
         raise SystemExit(EX_CONFIG) from None
     click.echo(text, nl=False)
+
+
+@main.command("config-doc")
+def config_doc() -> None:
+    """Print the configuration reference (docs/config.md), generated from the config models:
+    every key of the board profile and the site config with type, default, range, example."""
+    from dualrec.config_doc import render
+
+    click.echo(render(), nl=False)
 
 
 @main.command()

@@ -26,24 +26,36 @@ class _Strict(BaseModel):
 
 
 class BoardInfo(_Strict):
-    name: str
-    description: str = ""
+    """What board this profile is for."""
+
+    name: str = Field(description="Short name of the board, shown by check-config and diag.",
+                      examples=["rpi4b"])
+    description: str = Field("", description="Free text for people.")
 
 
 Gpio = Annotated[int, Field(ge=0, le=27)]  # BCM numbering on the 40-pin header
 
 
 class CameraProfile(_Strict):
-    backend: Literal["sim", "picamera2", "none"]
+    """The camera. Width and height must both be even (yuv420p)."""
+
+    backend: Literal["sim", "picamera2", "none"] = Field(
+        description="sim: the simulated counter; picamera2: a Raspberry Pi camera; none: no "
+                    "camera (sessions say they have no video).", examples=["picamera2"])
     # picamera2 only: "hardware" = H264Encoder on the VideoCore (Pi 4, CM4, Zero 2 W);
     # "libav" = LibavH264Encoder in software (Pi 5 has no H.264 block).
-    encoder: Literal["hardware", "libav"] = "hardware"
-    sensor_index: Annotated[int, Field(ge=0, le=3)] = 0
-    width: Annotated[int, Field(ge=160, le=3840)] = 1280
-    height: Annotated[int, Field(ge=120, le=2160)] = 720
-    fps: Annotated[int, Field(ge=1, le=60)] = 30
-    gop: Annotated[int, Field(ge=1, le=300)] = 30
-    bitrate: Annotated[int, Field(ge=100_000, le=25_000_000)] = 4_000_000
+    encoder: Literal["hardware", "libav"] = Field(
+        "hardware", description="picamera2 only. hardware: the VideoCore H.264 encoder (Pi 4, "
+                                "CM4, Zero 2 W); libav: software (Pi 5 has no H.264 block).")
+    sensor_index: Annotated[int, Field(ge=0, le=3, description="Which camera, when the board "
+                                       "has more than one (picamera2 numbering).")] = 0
+    width: Annotated[int, Field(ge=160, le=3840, description="Frame width in pixels.")] = 1280
+    height: Annotated[int, Field(ge=120, le=2160, description="Frame height in pixels.")] = 720
+    fps: Annotated[int, Field(ge=1, le=60, description="Frames per second.")] = 30
+    gop: Annotated[int, Field(ge=1, le=300, description="Frames from one keyframe to the "
+                              "next: pre-roll and segments start at keyframes.")] = 30
+    bitrate: Annotated[int, Field(ge=100_000, le=25_000_000, description="H.264 target bit "
+                                  "rate, bits per second.")] = 4_000_000
 
     @model_validator(mode="after")
     def _even(self) -> CameraProfile:
@@ -53,11 +65,17 @@ class CameraProfile(_Strict):
 
 
 class MicrophoneProfile(_Strict):
-    backend: Literal["sim", "pyaudio", "none"]
-    device: str = ""  # pyaudio: a substring of the ALSA device name, e.g. "USB Audio" or "null"
-    rate: Literal[16000, 32000, 44100, 48000] = 48000
-    channels: Annotated[int, Field(ge=1, le=2)] = 1
-    block_frames: Annotated[int, Field(ge=64, le=8192)] = 960
+    """The microphone. A block (block_frames / rate) must not be longer than 100 ms."""
+
+    backend: Literal["sim", "pyaudio", "none"] = Field(
+        description="sim: the simulated counter; pyaudio: an ALSA capture device; none: no "
+                    "microphone.", examples=["pyaudio"])
+    device: str = Field("", description="pyaudio: a substring of the ALSA device name; empty: "
+                                        "the default device.", examples=["USB Audio"])
+    rate: Literal[16000, 32000, 44100, 48000] = Field(48000, description="Sample rate, Hz.")
+    channels: Annotated[int, Field(ge=1, le=2, description="1 mono, 2 stereo.")] = 1
+    block_frames: Annotated[int, Field(ge=64, le=8192, description="Samples per channel "
+                                       "in one captured block.")] = 960
 
     @model_validator(mode="after")
     def _short_blocks(self) -> MicrophoneProfile:
@@ -69,48 +87,81 @@ class MicrophoneProfile(_Strict):
 
 
 class OpLogProfile(_Strict):
-    backend: Literal["serial", "picotap", "none"] = "serial"
+    """How the teller terminal's operation log reaches the box."""
+
+    backend: Literal["serial", "picotap", "none"] = Field(
+        "serial", description="serial: a serial line read directly; picotap: through the Pico "
+                              "serial tap (needs a [tap] section); none: no operation log.")
     # A path (/dev/ttyAMA0, /dev/serial/by-id/...), "usb:VID:PID[:SERIAL]" or a pyserial URL;
     # the site config's [oplog] port, when set, wins.
-    port: str = ""
+    port: str = Field("", description="The serial port: a path (/dev/ttyAMA0, "
+                      "/dev/serial/by-id/...), usb:VID:PID[:SERIAL] or a pyserial URL. The site "
+                      "config's [oplog] port, when set, wins.", examples=["/dev/ttyAMA0"])
 
 
 class TapProfile(_Strict):
     """The Pico serial tap (backend picotap): its USB data port and the clock-sync line."""
 
-    port: str = "usb:2e8a:0005"  # the tap's own CDC data interface, not the REPL
-    sync_gpio: Gpio | None = None  # Pi output pulsed at known CLOCK_MONOTONIC instants
-    uart_baud: Annotated[int, Field(ge=300, le=921_600)] = 115_200
-    rx_pins: list[Annotated[int, Field(ge=0, le=28)]] = [1]  # Pico GP pins of the tapped lines
-    sync_pin: Annotated[int, Field(ge=0, le=28)] = 22  # Pico GP pin the sync line arrives on
+    port: str = Field("usb:2e8a:0005", description="The tap's own USB CDC data interface "
+                      "(not its REPL): usb:VID:PID[:SERIAL] or a path.")
+    sync_gpio: Gpio | None = Field(None, description="BCM pin of the Pi that pulses the tap's "
+                                   "sync line at known instants; absent: the tap clock is "
+                                   "estimated from USB arrival times.", examples=[5])
+    uart_baud: Annotated[int, Field(ge=300, le=921_600, description="Baud rate of the tapped "
+                                    "line(s).")] = 115_200
+    rx_pins: list[Annotated[int, Field(ge=0, le=28)]] = Field(
+        [1], description="Pico GP pins of the tapped lines (terminal TX first, then RX).")
+    sync_pin: Annotated[int, Field(ge=0, le=28, description="Pico GP pin the sync line "
+                                   "arrives on.")] = 22
 
 
 class PanelProfile(_Strict):
-    backend: Literal["sim", "rpigpio"] = "sim"
-    # BCM numbers. LEDs are driven high = on; inputs use the internal pull-up, active low.
-    recording_led: Gpio = 17
-    fault_led: Gpio = 27
-    button: Gpio = 22
-    tamper: Gpio = 23
-    power_fail: Gpio = 24
-    debounce_ms: Annotated[int, Field(ge=1, le=500)] = 30
-    long_press_ms: Annotated[int, Field(ge=300, le=10_000)] = 1500
+    """LEDs and inputs (BCM numbers). LEDs are driven high = on; inputs use the internal
+    pull-up, active low. With rpigpio no pin may serve two functions."""
+
+    backend: Literal["sim", "rpigpio"] = Field(
+        "sim", description="sim: simulated; rpigpio: the Pi's GPIO header.")
+    recording_led: Gpio = Field(17, description="Recording LED (BCM).")
+    fault_led: Gpio = Field(27, description="Fault LED (BCM), one blink pattern per fault.")
+    button: Gpio = Field(22, description="Teller's button (BCM): short press marks, long press "
+                                         "starts or stops a session.")
+    tamper: Gpio = Field(23, description="Tamper switch input (BCM).")
+    power_fail: Gpio = Field(24, description="Power-fail input from the UPS (BCM).")
+    debounce_ms: Annotated[int, Field(ge=1, le=500, description="Input debounce time, "
+                                      "ms.")] = 30
+    long_press_ms: Annotated[int, Field(ge=300, le=10_000, description="A press this long "
+                                        "or longer is a long press, ms.")] = 1500
 
 
 class ClockProfile(_Strict):
-    source: Literal["system", "rtc"] = "system"
-    rtc: str = "/dev/rtc0"
-    chrony: bool = False  # read `chronyc -c tracking` into each segment's clock quality
-    pps: str = ""  # e.g. /dev/pps0 (dtoverlay=pps-gpio); empty: none
-    pps_gpio: Gpio | None = None
-    step_threshold_ms: Annotated[int, Field(ge=1, le=60_000)] = 100
+    """Where UTC comes from and how good it is said to be in each segment."""
+
+    source: Literal["system", "rtc"] = Field(
+        "system", description="system: the kernel clock alone; rtc: checked against the "
+                              "battery-backed RTC.")
+    rtc: str = Field("/dev/rtc0", description="The RTC device (source rtc).")
+    chrony: bool = Field(False, description="Read `chronyc -c tracking` into each segment's "
+                                            "clock quality.")
+    pps: str = Field("", description="PPS device (dtoverlay=pps-gpio); empty: none.",
+                     examples=["/dev/pps0"])
+    pps_gpio: Gpio | None = Field(None, description="BCM pin of the PPS input (for `dualrec "
+                                  "chrony-conf` and the pin check); absent: none.",
+                                  examples=[18])
+    step_threshold_ms: Annotated[int, Field(ge=1, le=60_000, description="A UTC jump larger "
+                                            "than this is a clock_step event, ms.")] = 100
 
 
 class SimProfile(_Strict):
-    clap_period_ms: Annotated[int, Field(ge=500, le=600_000)] = 7000
+    """The simulated counter (boards/sim.toml)."""
+
+    clap_period_ms: Annotated[int, Field(ge=500, le=600_000, description="Interval of the "
+                                         "clapper (a flash, a beep and a MARK log line at one "
+                                         "instant) used to measure sync, ms.")] = 7000
 
 
 class BoardProfile(_Strict):
+    """The board profile (boards/<name>.toml): what hardware is there and how to drive it."""
+
     board: BoardInfo
     camera: CameraProfile
     microphone: MicrophoneProfile
@@ -146,29 +197,71 @@ class BoardProfile(_Strict):
 
 
 class DeviceSection(_Strict):
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-    key: Path  # Ed25519 private key, PKCS#8 PEM
+    """Who this box is."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                             description="Device id, as enrolled at the receiver (also the CN "
+                                         "of its TLS certificate).", examples=["ctr-01"])]
+    key: Path = Field(description="The device's Ed25519 signing key, PKCS#8 PEM; relative "
+                                  "paths are relative to the site config.",
+                      examples=["device.key"])
 
 
 class RecordingSection(_Strict):
-    mode: Literal["session", "continuous"] = "session"
-    preroll_ms: Annotated[int, Field(ge=0, le=60_000)] = 5000
-    postroll_ms: Annotated[int, Field(ge=0, le=60_000)] = 2000
-    segment_ms: Annotated[int, Field(ge=1000, le=600_000)] = 10_000
-    max_session_ms: Annotated[int, Field(ge=10_000, le=24 * 3600_000)] = 4 * 3600_000
+    """When to record and how to cut."""
+
+    mode: Literal["session", "continuous"] = Field(
+        "session", description="session: record from a start line (or a long press) to a stop "
+                               "line; continuous: always.")
+    preroll_ms: Annotated[int, Field(ge=0, le=60_000, description="Media kept from before "
+                                     "the start trigger, ms.")] = 5000
+    postroll_ms: Annotated[int, Field(ge=0, le=60_000, description="Media kept after the "
+                                      "stop trigger, ms.")] = 2000
+    segment_ms: Annotated[int, Field(ge=1000, le=600_000, description="Target length of a "
+                                     "sealed segment, ms (cut at a keyframe).")] = 10_000
+    max_session_ms: Annotated[int, Field(ge=10_000, le=24 * 3600_000, description="A "
+                                         "session longer than this is stopped, ms.")] = (
+        4 * 3600_000)
 
 
 class OpLogSection(_Strict):
-    port: str = ""
-    baud: Literal[9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600] = 115200
-    bytesize: Literal[5, 6, 7, 8] = 8
-    parity: Literal["none", "even", "odd", "mark", "space"] = "none"
-    stopbits: Literal[1, 1.5, 2] = 1
-    encoding: Literal["gb18030", "utf-8"] = "gb18030"
-    line_end: Literal["\r\n", "\n", "\r"] = "\r\n"
-    max_line: Annotated[int, Field(ge=80, le=65536)] = 4096
-    start_patterns: list[str] = ["交易开始"]
-    stop_patterns: list[str] = ["交易结束"]
+    """The teller terminal's operation log: the serial line, how its bytes become lines
+    (dualrec.oplog_framer) and which lines start and stop a session. Worked examples for
+    common terminals: docs/oplog-terminals.md."""
+
+    port: str = Field("", description="The serial port (a path, /dev/serial/by-id/..., "
+                      "usb:VID:PID[:SERIAL] or a pyserial URL); empty: the board profile's "
+                      "[oplog] port.", examples=["usb:0403:6001"])
+    baud: Literal[9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600] = Field(
+        115200, description="Baud rate.")
+    bytesize: Literal[5, 6, 7, 8] = Field(8, description="Data bits.")
+    parity: Literal["none", "even", "odd", "mark", "space"] = Field("none",
+                                                                    description="Parity.")
+    stopbits: Literal[1, 1.5, 2] = Field(1, description="Stop bits.")
+    encoding: Literal["auto", "gb18030", "utf-8", "big5"] = Field(
+        "auto", description="How a line's bytes are read as text (its raw bytes are kept "
+        "as they are). auto: each line as UTF-8 when it is valid UTF-8, else as GB18030. auto "
+        "reads Big5 as GB18030 without a decode error (wrong characters, so no start line "
+        "matches): a Big5 terminal needs big5.", examples=["gb18030"])
+    line_end: Literal["any", "\r\n", "\n", "\r"] = Field(
+        "any", description="What ends a line. any: CR, LF and CRLF in any mix (a CR followed "
+        "by LF is one terminator). \"\\r\\n\": LF, with a CR before it (a bare CR is "
+        "content). \"\\n\" or \"\\r\": that byte alone.", examples=["\r\n"])
+    idle_ms: Annotated[int, Field(ge=20, le=5000, description="A line whose last byte is "
+                                  "this old ends without a terminator (flag unterminated), ms. "
+                                  "It must exceed the longest pause the terminal makes inside "
+                                  "a line.")] = 200
+    decode_error_run: Annotated[int, Field(ge=1, le=1000, description="This many lines with "
+                                           "non-ASCII bytes in a row that do not decode are a "
+                                           "fault (wrong encoding?); as many that decode "
+                                           "clear it.")] = 5
+    max_line: Annotated[int, Field(ge=80, le=65536, description="Longest line in bytes; a "
+                                   "longer one is cut into pieces (flags overlong, "
+                                   "continued).")] = 4096
+    start_patterns: list[str] = Field(["交易开始"], description="Regular expressions; a line "
+                                      "matching one starts a session.")
+    stop_patterns: list[str] = Field(["交易结束"], description="Regular expressions; a line "
+                                     "matching one stops the session.")
 
     @field_validator("start_patterns", "stop_patterns")
     @classmethod
@@ -255,8 +348,13 @@ class ShieldSection(_Strict):
 
 
 class SealSection(_Strict):
-    recipients: Annotated[list[str], Field(min_length=1)]
-    escrow: str | None = None
+    """Who can open the sealed segments."""
+
+    recipients: Annotated[list[str], Field(min_length=1, description="age X25519 recipients "
+                                           "(age1...) every payload is encrypted to.",
+                                           examples=[["age1qyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqszqgpqyqs3290gq"]])]
+    escrow: str | None = Field(None, description="One more age recipient (age1...), e.g. the "
+                                                 "bank's escrow key; absent: none.")
 
     @field_validator("recipients")
     @classmethod
@@ -284,30 +382,54 @@ def _age_recipient(r: str) -> None:
 
 
 class SpoolSection(_Strict):
-    dir: Path
-    state: Path
-    # New sessions stop (fault LED, fault event) when the spool holds more than quota_mb or the
-    # filesystem has less than min_free_mb free; they resume below 90 % of either limit.
-    quota_mb: Annotated[int, Field(ge=1, le=10_000_000)] = 8192
-    min_free_mb: Annotated[int, Field(ge=0, le=1_000_000)] = 256
+    """Where sealed segments wait for upload. New sessions stop (fault LED, fault event) when
+    the spool holds more than quota_mb or the filesystem has less than min_free_mb free; they
+    resume below 90 % of either limit."""
+
+    dir: Path = Field(description="Spool directory for sealed segments; relative paths are "
+                                  "relative to the site config.",
+                      examples=["/var/lib/dualrec/spool"])
+    state: Path = Field(description="The chain state database (SQLite); relative paths are "
+                                    "relative to the site config.",
+                        examples=["/var/lib/dualrec/state/state.db"])
+    quota_mb: Annotated[int, Field(ge=1, le=10_000_000, description="Most the spool may "
+                                   "hold, MiB.")] = 8192
+    min_free_mb: Annotated[int, Field(ge=0, le=1_000_000, description="Least free space "
+                                      "left on the filesystem, MiB.")] = 256
     # While sealing fails (disk full, read-only, I/O errors) recording goes on in memory up to
     # this much unsealed media; beyond it the oldest unsealed media are dropped, on record as a
     # gap. 64 MiB suits a Pi Zero 2 W (512 MB RAM): about 3 minutes of 1080p30 with audio.
-    unsealed_max_mb: Annotated[int, Field(ge=1, le=65_536)] = 64
+    unsealed_max_mb: Annotated[int, Field(ge=1, le=65_536, description="While sealing fails, "
+                                          "unsealed media kept in memory, MiB; beyond it the "
+                                          "oldest media are dropped, on record as a gap.")] = 64
 
 
 class UplinkSection(_Strict):
-    url: Annotated[str, Field(pattern=r"^https://[^/\s]+(:\d+)?/?$")]
-    ca: Path  # the branch CA, pinned: the system trust store is not used
-    cert: Path  # this device's TLS client certificate (CN = device id)
-    key: Path
-    receipt_key: Path  # the receiver's Ed25519 receipt key (public, PEM)
-    bandwidth_bps: Annotated[int, Field(ge=8_000, le=10_000_000_000)] = 4_000_000
-    timeout_s: Annotated[int, Field(ge=1, le=600)] = 30
-    backoff_max_s: Annotated[int, Field(ge=1, le=3600)] = 60
+    """The branch receiver segments are uploaded to; relative paths are relative to the site
+    config. Without this section segments stay in the spool."""
+
+    url: Annotated[str, Field(pattern=r"^https://[^/\s]+(:\d+)?/?$",
+                              description="The receiver's base URL (https only).",
+                              examples=["https://10.1.2.3:8443"])]
+    ca: Path = Field(description="The branch CA certificate, pinned: the system trust store "
+                                 "is not used.", examples=["ca.crt"])
+    cert: Path = Field(description="This device's TLS client certificate (CN = device id).",
+                       examples=["tls.crt"])
+    key: Path = Field(description="Its private key.", examples=["tls.key"])
+    receipt_key: Path = Field(description="The receiver's Ed25519 receipt key (public, PEM).",
+                              examples=["receipt.pub"])
+    bandwidth_bps: Annotated[int, Field(ge=8_000, le=10_000_000_000, description="Upload "
+                                        "bandwidth cap, bits per second.")] = 4_000_000
+    timeout_s: Annotated[int, Field(ge=1, le=600, description="Timeout of one request, "
+                                    "s.")] = 30
+    backoff_max_s: Annotated[int, Field(ge=1, le=3600, description="Longest wait between "
+                                        "retries, s.")] = 60
 
 
 class SiteConfig(_Strict):
+    """The site config (/etc/dualrec/site.toml, written at provisioning): who this box is, how
+    it records and where its segments go."""
+
     device: DeviceSection
     recording: RecordingSection = RecordingSection()
     oplog: OpLogSection = OpLogSection()

@@ -1,10 +1,10 @@
 """`dualrec diag`: check each device of the box, pass or fail with the reason.
 
 Camera (a decodable keyframe arrives), microphone (blocks arrive; level in dBFS), operation log
-(the port opens; activity seen), clock (source, synced, estimated error; RTC against the system
-clock where the board has one), spool disk (free space against the quota), receiver (TLS with the
-device's certificate, its status answer). Each check is bounded in time, so a dead device fails
-instead of hanging the technician.
+(the port opens; lines decode and a start or stop line is recognised), clock (source, synced,
+estimated error; RTC against the system clock where the board has one), spool disk (free space
+against the quota), receiver (TLS with the device's certificate, its status answer). Each check
+is bounded in time, so a dead device fails instead of hanging the technician.
 """
 
 from __future__ import annotations
@@ -103,23 +103,54 @@ def check_microphone(board: BoardProfile, seconds: float = 2) -> Check:
                  f"level {dbfs:.0f} dBFS, {overflows} overflows{why}")
 
 
-def check_oplog(board: BoardProfile, site: SiteConfig, seconds: float = 3) -> Check:
+def check_oplog(board: BoardProfile, site: SiteConfig, seconds: float = 10) -> Check:
+    """Open the port and read for up to `seconds`, until a start or stop line shows the
+    encoding and the patterns are right. FAIL when most lines with non-ASCII bytes do not
+    decode, or when lines came but none matched a start or stop pattern (a UTF-8 terminal read
+    as GB18030, Big5 read as GB18030 by auto, patterns of another terminal: each records no
+    session at all). No lines: PASS with a hint (the terminal may be idle)."""
+    import re
+
     from dualrec.devices.factory import build_oplog
+
+    patterns = [re.compile(p) for p in (*site.oplog.start_patterns, *site.oplog.stop_patterns)]
+
+    def matches(line: object) -> bool:
+        return isinstance(line, LogLine) and any(p.search(line.text) for p in patterns)
 
     try:
         oplog = build_oplog(board, site)
         if oplog is None:
             return Check("oplog", True, "none on this board")
-        got, events = _collect(oplog.start, oplog.stop, seconds, lambda g: len(g) >= 3)
+        got, events = _collect(oplog.start, oplog.stop, seconds,
+                               lambda g: bool(g) and matches(g[-1]))
     except DeviceError as exc:
         return Check("oplog", False, str(exc))
     lines = [x for x in got if isinstance(x, LogLine)]
-    faults = [e.detail for e in events if e.kind == "fault"]
+    # A decode fault is judged below from the lines themselves; any other is the port's.
+    faults = [e.detail for e in events if e.kind == "fault"
+              and not str(e.detail.get("part", "")).startswith("decode")]
     if faults:
         return Check("oplog", False, f"{faults[0]}")
+    enc = site.oplog.encoding
+    if not lines:
+        return Check("oplog", True, f"port open; no lines in {seconds:.0f} s (terminal idle? "
+                     "run a transaction during diag to check encoding and patterns)")
+    informative = [x for x in lines if not x.raw.isascii()]
+    bad = sum("decode_error" in x.flags for x in informative)
     flagged = sum(bool(x.flags) for x in lines)
-    return Check("oplog", True, f"port open; {len(lines)} lines in {seconds:.0f} s"
-                 f" ({flagged} flagged)" + ("" if lines else " (terminal idle?)"))
+    seen = f"{len(lines)} lines ({flagged} flagged)"
+    if informative and bad * 2 > len(informative):
+        return Check("oplog", False, f"{seen}: {bad} of {len(informative)} lines with "
+                     f"non-ASCII bytes do not decode as {enc}: wrong encoding? "
+                     "(site config [oplog] encoding)")
+    if not any(matches(x) for x in lines):
+        # The lines' text is not shown: it may hold a customer's numbers.
+        return Check("oplog", False, f"{seen} in {seconds:.0f} s, none matches a start or stop "
+                     f"pattern read as {enc}: wrong encoding or patterns? (site config "
+                     "[oplog] encoding, start_patterns, stop_patterns; run a transaction "
+                     "during diag)")
+    return Check("oplog", True, f"port open; {seen}, a start or stop line read as {enc}")
 
 
 def check_clock(board: BoardProfile) -> Check:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dualrec.config import BoardProfile, SiteConfig
+from dualrec.config import BoardProfile, OpLogSection, SiteConfig
 from dualrec.devices.base import Camera, DeviceError, Microphone, OpLog, Panel
+from dualrec.oplog_framer import LineFramer
 
 
 @dataclass
@@ -51,10 +52,14 @@ def build_microphone(board: BoardProfile) -> Microphone | None:
     return None
 
 
-def build_oplog(board: BoardProfile, site: SiteConfig) -> OpLog | None:
-    from dualrec.oplog_framer import LineFramer
+def build_framer(oplog: OpLogSection) -> LineFramer:
+    """The site's framing, encoding and decode-fault settings in one LineFramer."""
+    return LineFramer(oplog.encoding, oplog.line_end, oplog.max_line, idle_ms=oplog.idle_ms,
+                      decode_error_run=oplog.decode_error_run)
 
-    framer = LineFramer(site.oplog.encoding, site.oplog.line_end.encode(), site.oplog.max_line)
+
+def build_oplog(board: BoardProfile, site: SiteConfig) -> OpLog | None:
+    framer = build_framer(site.oplog)
     if board.oplog.backend == "serial":
         from dualrec.devices.serial_oplog import SerialOpLog
 

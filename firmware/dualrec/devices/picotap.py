@@ -244,12 +244,14 @@ class PicoTapOpLog:
         sync_period_s: float = 1.0,
         clock: TapClock | None = None,
     ) -> None:
+        # A read must return often enough to notice the framer's idle timeout (poll below).
+        read_timeout_s = framer.wake_interval_s(read_timeout_s)
         self.tap = tap
         self.port = tap.port
         self.read_timeout_s = read_timeout_s
         self.sync_drive = sync_drive
         self.sync_period_s = sync_period_s
-        second = LineFramer(framer.encoding, framer.line_end, framer.max_line)
+        second = framer.fresh()
         self._chans = [_Channel(framer, ()), _Channel(second, ("rx",))]
         self.clock = clock or TapClock()
         self.decoder = tapframe.Decoder()
@@ -326,7 +328,10 @@ class PicoTapOpLog:
         if data:
             for frame in self.decoder.feed(data):
                 self._frame(frame, t)
-        self._periodic(time.monotonic_ns())
+        now = time.monotonic_ns()
+        for ch in self._chans:  # a pause ends a line without a terminator, on either channel
+            self._deliver_lines(ch, ch.framer.poll(now))
+        self._periodic(now)
 
     def _finish(self) -> None:
         now = time.monotonic_ns()
@@ -477,6 +482,9 @@ class PicoTapOpLog:
             if flags - set(line.flags):
                 line = replace(line, flags=tuple(sorted(flags.union(line.flags))))
             self._deliver(line)
+        for kind, detail in ch.framer.take_events():  # a decode fault starts or ends
+            part = f"{detail['part']}_rx" if ch.extra else detail["part"]
+            self._emit(kind, {**detail, "part": part, "port": self.port})
 
     def _deliver(self, line: LogLine) -> None:
         self._delivery(line)

@@ -163,6 +163,8 @@ class SerialOpLog:
         """port: a spec as serial_ports.resolve_port takes it; parity as pyserial ("E") or as
         the site config names it ("even"). line_errors: None marks them wherever the port is a
         tty; True decodes PARMRK marks even where they could not be enabled (tests)."""
+        # A read must return often enough to notice the framer's idle timeout (poll below).
+        read_timeout_s = framer.wake_interval_s(read_timeout_s)
         self.port = port
         self.baud = baud
         self.framer = framer
@@ -246,6 +248,7 @@ class SerialOpLog:
         if not data:
             if self._err_held:  # a burst of errors that stopped: its count is due
                 self._flush_line_errors(due_only=True)
+            self._deliver(self.framer.poll(t))  # a pause ends the line without a terminator
             return
         self._feed(data, t)
 
@@ -342,6 +345,8 @@ class SerialOpLog:
     def _deliver(self, lines: list[LogLine]) -> None:
         for line in [self._flag(line) for line in lines]:
             self._delivery(line)
+        for kind, detail in self.framer.take_events():  # a decode fault starts or ends
+            self._emit_at(kind, {**detail, "port": self.port})
 
     def _flag(self, line: LogLine) -> LogLine:
         """Add LINE_ERROR_FLAG to a line holding a marked byte (or sitting on lost bytes)."""
