@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from dualrec.chain import ChainState
-from dualrec.gateway import SealWorker, Stats
+from dualrec.seal_worker import SealWorker, Stats
 from dualrec.sealer import Sealer
 from dualrec.segment_format import scan_dir
 from dualrec.timebase import Timebase

@@ -163,6 +163,8 @@ def test_oversized_segment_is_quarantined_while_fifty_later_ones_flow(device: De
     q = watch.of("upload_quarantined")
     assert [(e.detail["seq"], e.detail["error"]) for e in q] == [(1, "oversized")]
     assert watch.lamp == ["quarantine"]
+    standing = [e.detail for e in watch.of("fault") if e.detail.get("part") == "quarantine"]
+    assert len(standing) == 1 and "seq 1" in standing[0]["reason"]
     assert [x["seq"] for x in status["quarantined"]] == [1] and "413" in \
         status["quarantined"][0]["reason"]
     assert sorted(scan_dir(dev.site.spool.dir)) == [1] and sha(big) == big_sha
@@ -189,6 +191,7 @@ def test_oversized_segment_is_quarantined_while_fifty_later_ones_flow(device: De
         up.stop()
         rx.stop()
     assert [e.detail["seq"] for e in watch3.of("upload_quarantine_cleared")] == [1]
+    assert [e.detail.get("part") for e in watch3.of("fault_cleared")] == ["quarantine"]
     assert scan_dir(dev.site.spool.dir) == {} and up.status()["quarantined"] == []
     lost, wrong = figures(dev, sealed)
     with capsys.disabled():

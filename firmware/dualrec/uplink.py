@@ -382,6 +382,17 @@ class Uplink:
         if shown != self._quarantine_shown:
             self._quarantine_shown = shown
             self._on_quarantine("quarantine" if shown else None)
+            # also a standing fault, so the gateway's fault board (and `dualrec diag`) lists it
+            now = time.monotonic_ns()
+            if shown:
+                seqs = ", ".join(str(s) for s in sorted(self._quarantine)[:20])
+                self._report(Event(now, "fault", {
+                    "device": "uplink", "part": "quarantine",
+                    "reason": f"{len(self._quarantine)} segment(s) refused for good by the "
+                              f"receiver, kept on the box: seq {seqs}"}))
+            else:
+                self._report(Event(now, "fault_cleared",
+                                   {"device": "uplink", "part": "quarantine"}))
 
     def status(self) -> dict[str, Any]:
         """For diag and tests: what is failing, quarantined and held back, and the counters."""
