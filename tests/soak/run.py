@@ -158,7 +158,6 @@ def kill9_cycles(base: Path, cycles: int, seed: int, say: Say = print) -> KillFi
     counter = Counter(base / "run", small_board(base / "board", clap_ms=5000),
                       with_receiver=True, bandwidth_bps=2_000_000,
                       site_extra='[recording]\nmode = "continuous"\nsegment_ms = 1000\n')
-    counter.prepare()
     rng = random.Random(seed)
     fig = KillFigures()
     log = counter.workdir / "gateway.log"
@@ -175,6 +174,7 @@ def kill9_cycles(base: Path, cycles: int, seed: int, say: Say = print) -> KillFi
         return False
 
     try:
+        counter.prepare()  # inside: a receiver it started must not outlive a failed enrollment
         terminal = counter.start_terminal(24 * 3600, transactions=1, seed=5)
         t_start = time.monotonic()
         for i in range(cycles):
