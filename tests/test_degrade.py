@@ -112,6 +112,50 @@ def test_serial_port_absent_at_start_joins_when_the_pty_appears(tmp_path, key_fi
     box.verify()
 
 
+def test_serial_adapter_unplugged_mid_run_and_replugged(tmp_path, key_files):
+    """Tried: the serial port (a pty behind a by-id style symlink) vanishes mid-run (its master
+    closed: reads fail with EIO, as with a USB adapter pulled), then comes back as another
+    pty behind the same link. Asserted: `fault` {device: oplog} and `oplog_reconnected` are
+    on record, the oplog LED pattern shows while it is gone and goes dark after, diag passes
+    again, and a line written after the replug is sealed."""
+    link = tmp_path / "ttyCOUNTER"
+    fds: list[int] = []
+
+    def plug() -> int:
+        master, slave = os.openpty()
+        fds.extend((master, slave))
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.ttyname(slave))
+        return master
+
+    master = plug()
+    box = Box(tmp_path, key_files, port=str(link)).start()
+    try:
+        panel = box.gw.devices.panel
+        wait_until(lambda: "oplog" in box.gw.runners and box.gw.runners["oplog"].running, 30,
+                   "the port open", box)
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        wait_until(lambda: panel.fault_pattern == "oplog", 30, "the oplog pattern", box)
+        master = plug()
+        wait_until(lambda: panel.fault_pattern is None, 30, "the LED dark", box)
+        assert check_gateway(box.gw.site).ok
+        os.write(master, b"TXN 2002 OPEN\r\n")
+        wait_until(lambda: any(s.lines for s in box.sealed()), 60, "the line sealed", box)
+    finally:
+        box.stop()
+        for fd in fds:
+            os.close(fd)
+    sealed = box.sealed()
+    _, fault = first_event(sealed, "fault", "oplog")
+    assert fault["detail"]["port"] == str(link) and fault["detail"]["reason"]
+    back = [e for s in sealed for e in s.events if e["kind"] == "oplog_reconnected"]
+    assert len(back) == 1 and back[0]["detail"]["device"] == str(link)
+    assert [ln["text"] for s in sealed for ln in s.lines] == ["TXN 2002 OPEN"]
+    box.verify()
+
+
 # --- the microphone -------------------------------------------------------------------------
 
 

@@ -145,3 +145,41 @@ def test_device_stuck_in_its_own_fault_is_restarted():
     runner.stop()
     assert [e.kind for e in events] == ["fault", "fault_cleared"]
     assert dev.starts == 2 and dev.stops == 2 and runner.restarts == 1 and runner.fault is None
+
+
+def test_a_part_fault_does_not_mark_the_device_down():
+    """The oplog's decode fault {device: oplog, part: decode} leaves lines flowing: the runner
+    neither marks the device down for it nor lets its clearing end a real fault."""
+    runner = DeviceRunner("oplog", LateDevice(0), lambda s: None, lambda ev: None)
+    runner.start()
+    runner.report(Event(1, "fault", {"device": "oplog", "part": "decode", "reason": "GB18030?"}))
+    assert runner.fault is None
+    runner.report(Event(2, "fault", {"device": "oplog", "reason": "port gone"}))
+    runner.report(Event(3, "fault_cleared", {"device": "oplog", "part": "decode"}))
+    assert runner.fault == "port gone"
+    # the serial line's reconnection names the port's path as its "device"
+    runner.report(Event(4, "oplog_reconnected", {"gap_ns": 5, "device": "/dev/ttyUSB1"}))
+    assert runner.fault is None
+    runner.stop()
+
+
+def test_fault_board_follows_faults_and_the_serial_reconnection(tmp_path):
+    """The board keeps what is active now for the LED and diag: a device fault, a part's
+    fault under its own key, a lost port cleared by the line's own oplog_reconnected."""
+    import json
+
+    from dualrec.supervision import FaultBoard
+
+    lamp: list[tuple[str, bool]] = []
+    board = FaultBoard(lambda n, a: lamp.append((n, a)), tmp_path / "faults.json")
+    board.see(Event(1, "fault", {"device": "oplog", "port": "usb:0403:6001", "reason": "gone"}))
+    board.see(Event(2, "fault", {"device": "oplog", "part": "decode", "reason": "GB18030?"}))
+    board.see(Event(3, "fault", {"device": "uplink", "part": "uplink-headers", "reason": "x"}))
+    keys = [f["key"] for f in json.loads((tmp_path / "faults.json").read_text())["faults"]]
+    assert keys == ["oplog", "oplog:decode", "uplink:uplink-headers"]
+    board.see(Event(4, "oplog_reconnected", {"gap_ns": 3, "device": "/dev/ttyUSB1"}))
+    board.see(Event(5, "fault_cleared", {"device": "oplog", "part": "decode"}))
+    assert list(board.active) == ["uplink:uplink-headers"]
+    # the uplink drives its own LED pattern: the board only lists it
+    assert lamp == [("oplog", True), ("oplog:decode", True), ("oplog", False),
+                    ("oplog:decode", False)]

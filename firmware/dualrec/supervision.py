@@ -45,7 +45,14 @@ class FaultBoard:
 
     def see(self, ev: Event) -> None:
         """Note a fault event passing to the record (called on the recorder's thread)."""
-        if not isinstance(ev.detail, dict) or "device" not in ev.detail:
+        if not isinstance(ev.detail, dict):
+            return
+        if ev.kind == "oplog_reconnected":  # the port's own clear; "device" is its path
+            if self.active.pop("oplog", None) is not None:
+                self._lamp("oplog", False)
+                self.write()
+            return
+        if "device" not in ev.detail:
             return
         key = fault_key(ev.detail)
         device = str(ev.detail["device"])
@@ -57,9 +64,7 @@ class FaultBoard:
                                     {"part": ev.detail["part"]} if "part" in ev.detail else {})}
             if device in LAMP_DEVICES:
                 self._lamp(key, True)
-        elif ev.kind in ("fault_cleared", "oplog_reconnected"):
-            if ev.kind == "oplog_reconnected":
-                key = "oplog"
+        elif ev.kind == "fault_cleared":
             if self.active.pop(key, None) is None:
                 return
             if key.split(":")[0] in LAMP_DEVICES:

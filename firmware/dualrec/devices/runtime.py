@@ -340,14 +340,16 @@ class DeviceRunner:
         self._sink(sample)
 
     def report(self, ev: Event) -> None:
-        """The device's own events, noted on the way (fault state), then on record."""
-        device = ev.detail.get("device") if isinstance(ev.detail, dict) else None
+        """The device's own events, noted on the way (fault state), then on record. A fault of
+        a part of the device (the oplog's decoding) leaves the stream flowing: not noted."""
+        detail = ev.detail if isinstance(ev.detail, dict) else {}
+        device = detail.get("device") if "part" not in detail else "-"
         if ev.kind == "fault" and device in (self.name, None):
             with self._lock:
                 if self.fault is None:
                     self.fault, self.fault_since_ns = str(ev.detail.get("reason", "")), ev.t_mono_ns
-        elif ev.kind in ("fault_cleared", f"{self.name}_reconnected") and device in (
-                self.name, None):
+        elif ((ev.kind == "fault_cleared" and device in (self.name, None))
+              or ev.kind == f"{self.name}_reconnected"):  # its "device" is the port's path
             with self._lock:
                 self.fault = self.fault_since_ns = None
         self._events(ev)
