@@ -30,6 +30,7 @@ from dualrec.segment_format import header_hash
 from dualrec.timebase import Timebase
 from dualrec_tools.pki import cert_pem, issue, key_pem, make_ca
 from dualrec_tools.receiver.cli import main as cli_main
+from dualrec_tools.receiver.limits import Limits
 from dualrec_tools.receiver.server import ReceiverConfig, ReceiverThread
 from dualrec_tools.receiver.store import ReceiverStore
 from dualrec_tools.verify import device_pub_pem
@@ -116,9 +117,12 @@ def _enroll(store: ReceiverStore, world: World, device: str) -> None:
 def receiver(tmp_path: Path, world: World):
     started: list[ReceiverThread] = []
 
-    def start(max_payload: int = 1 << 20) -> ReceiverThread:
+    def start(max_payload: int = 1 << 20, limits: Limits | None = None,
+              **config: object) -> ReceiverThread:
         rx = ReceiverThread(ReceiverConfig(tmp_path / "data", world.keys, port=0, admin_port=0,
-                                           max_payload=max_payload)).start()
+                                           max_payload=max_payload,
+                                           limits=limits or Limits(),
+                                           **config)).start()  # type: ignore[arg-type]
         started.append(rx)
         _enroll(rx.store, world, DEV)
         _enroll(rx.store, world, DEV2)
@@ -351,7 +355,7 @@ def test_bad_requests(receiver, world: World) -> None:
 
 
 def test_concurrent_uploads_of_one_segment_store_once(receiver, world: World) -> None:
-    rx = receiver()
+    rx = receiver(limits=Limits(max_uploads_per_device=6))  # six at once, on purpose
     seg = world.a[0]
     results: list[tuple[int, int, bytes]] = []
 

@@ -8,6 +8,8 @@ seq is never issued twice and never skipped.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,9 @@ class ChainHead:
 class ChainState:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # 0600, -wal/-shm follow; a read-only disk keeps its
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))  # mode and still starts
+            os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -42,6 +42,9 @@ class Spool:
         self.dir = directory
         directory.mkdir(parents=True, exist_ok=True)
         db_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # 0600, -wal/-shm follow; a read-only disk keeps its
+            os.close(os.open(db_path, os.O_RDONLY | os.O_CREAT, 0o600))  # mode and still starts
+            os.chmod(db_path, 0o600)
         self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
                                    timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
+import logging.handlers
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
+from dualrec_tools.receiver.limits import LimitError, Limits
 from dualrec_tools.receiver.server import ReceiverConfig, serve
 from dualrec_tools.receiver.store import EnrollError, ReceiverStore
 from dualrec_tools.verify import KeyFileError, load_device_key
@@ -41,19 +45,55 @@ def main() -> None:
               help="HOST:PORT of the plain-HTTP admin API; keep it on loopback.")
 @click.option("--max-payload-mb", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--receiver-id", default=None, help="Name in receipts [default: receiver.crt CN].")
+@click.option("--limit", "limit_args", multiple=True, metavar="NAME=VALUE",
+              help="Override a limit (docs/UPLOAD.md, Limits), e.g. max_connections=2000.")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="A listener of its own for /metrics (it is on the admin listener anyway).")
+@click.option("--log-file", default=None, type=click.Path(path_type=Path),
+              help="Also log to this file (0640, rotated at 10 MB, 5 kept) [default: stderr].")
 def serve_cmd(data_dir: Path, keys_dir: Path, listen: str, admin_listen: str,
-              max_payload_mb: int, receiver_id: str | None) -> None:
+              max_payload_mb: int, receiver_id: str | None, limit_args: tuple[str, ...],
+              metrics_listen: str | None, log_file: Path | None) -> None:
     """Serve until SIGTERM; print LISTENING https://HOST:PORT admin http://HOST:PORT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
-                        "%(message)s")
+    os.umask(0o027)  # segments, receiver.db, logs: never world-readable
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:  # bounded on disk whatever arrives
+        handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=10 << 20,
+                                                             backupCount=5))
+    logging.basicConfig(level=logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from dualrec import shield
 
     shield.install()  # nothing a client sends puts a customer number into the log
     host, port = _hostport(listen)
     admin_host, admin_port = _hostport(admin_listen)
-    serve(ReceiverConfig(data_dir=data_dir, keys_dir=keys_dir, host=host, port=port,
-                         admin_host=admin_host, admin_port=admin_port,
-                         max_payload=max_payload_mb * 1024 * 1024, receiver_id=receiver_id))
+    metrics_host, metrics_port = _hostport(metrics_listen) if metrics_listen else (None, 0)
+    config = ReceiverConfig(data_dir=data_dir, keys_dir=keys_dir, host=host, port=port,
+                            admin_host=admin_host, admin_port=admin_port,
+                            max_payload=max_payload_mb * 1024 * 1024, receiver_id=receiver_id,
+                            limits=parse_limits(limit_args), metrics_host=metrics_host,
+                            metrics_port=metrics_port)
+    try:
+        serve(config)
+    except LimitError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def parse_limits(args: tuple[str, ...]) -> Limits:
+    """NAME=VALUE pairs over the defaults of limits.Limits."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Limits)}
+    changes: dict[str, float | int] = {}
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name not in kinds:
+            raise click.BadParameter(f"unknown limit {name!r} (one of {', '.join(kinds)})")
+        try:
+            changes[name] = float(value) if kinds[name] in (float, "float") else int(value)
+        except ValueError:
+            raise click.BadParameter(f"{arg!r}: not a number") from None
+        if changes[name] <= 0:
+            raise click.BadParameter(f"{arg!r}: must be positive")
+    return dataclasses.replace(Limits(), **changes)
 
 
 @main.command()
