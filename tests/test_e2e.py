@@ -66,7 +66,7 @@ def test_recorded_sessions_verify_export_and_stay_in_sync(tmp_path):
         probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type",
                                 "-of", "json", str(mkv)], capture_output=True, check=True)
         kinds = sorted(s["codec_type"] for s in json.loads(probe.stdout)["streams"])
-        assert kinds == ["audio", "subtitle", "video"]
+        assert kinds == ["audio", "subtitle", "subtitle", "video"]  # the log, the time code
         # A clap in the pre-roll from before the terminal began its script has a flash and a
         # beep but no MARK line: those two must still agree, and come before every MARK.
         assert len(sync.unmatched_video) == len(sync.unmatched_audio)

@@ -218,7 +218,7 @@ def headers(draw: st.DrawFn) -> dict[str, Any]:
         final = reason in FINAL_REASONS
     media = not idle and reason != "interrupted"
     start, end = draw(instants())
-    lines = draw(u63)
+    lines = draw(st.integers(1 if idle and reason == "oplog" else 0, U63_MAX))
     return {
         "format": 1,
         "device": draw(_rx(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")),
@@ -239,7 +239,9 @@ def headers(draw: st.DrawFn) -> dict[str, Any]:
             "audio": draw(audio(media)),
             "oplog": {"lines": lines, "bytes": draw(st.integers(lines, U63_MAX)),
                       "flagged": draw(st.integers(0, lines))},
-            "events": {"count": draw(u63)},
+            # an idle segment holds what it was sealed for: lines (oplog) or an event
+            "events": {"count": draw(st.integers(1 if idle and reason != "oplog" else 0,
+                                                 U63_MAX))},
         },
         "payload": {"size": draw(st.integers(1, U63_MAX)), "sha256": draw(hex64)},
         "prev": draw(hex64),

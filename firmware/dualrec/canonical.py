@@ -44,6 +44,9 @@ def canonical_bytes(value: Any) -> bytes:
         return _ENCODER.encode(value).encode()
     except RecursionError:
         raise CanonicalError("value is nested too deeply") from None
+    except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape) is not UTF-8
+        raise CanonicalError("a string holds a lone surrogate, which UTF-8 cannot encode") \
+            from None
 
 
 def canonical_bytes_unchecked(value: Any) -> bytes:

@@ -191,6 +191,9 @@ class Recorder:
             return
         self.seg.flush()  # the previous session's final segment first: seqs follow time
         self._seal_idle("oplog")  # lines from before this session are not its lines
+        # A trigger delivered after the previous segment ended past it (a late button event)
+        # counts from that end: the pre-roll alone overlaps the previous segment (FORMAT.md §4)
+        trigger_ns = max(trigger_ns, max(self.seg.last_end_ns, self._last_end_ns) - 1)
         origin, short = self._preroll_origin(trigger_ns)
         utc = datetime.fromtimestamp(self._to_utc(trigger_ns) / 1e9, UTC)
         self.session = f"{utc:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"

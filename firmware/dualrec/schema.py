@@ -235,6 +235,10 @@ class Header(_Strict):
                                  f"({', '.join(sorted(IDLE_REASONS))})")
             if s.video.codec != "none" or s.audio.codec != "none":
                 raise ValueError("an idle segment carries no media (codecs none)")
+            if self.reason == "oplog" and not s.oplog.lines:
+                raise ValueError("an idle segment of reason oplog holds at least one log line")
+            if self.reason != "oplog" and not s.events.count:
+                raise ValueError("an idle segment sealed for an event holds at least one event")
         else:
             if self.reason not in SESSION_REASONS:
                 raise ValueError(f"reason {self.reason[:40]!r} is not one of "

@@ -131,6 +131,12 @@ class Segmenter:
             if tail is None:
                 self.dropped_media += 1
             return tail
+        if isinstance(sample, Event) and self.cur.index > 0:
+            # An event delivered after the segment of its time was handed on (a slow device
+            # thread): on record in the open segment, at its start, with its own time kept,
+            # rather than in no segment (FORMAT.md §5.3).
+            return Event(self.cur.start_ns, sample.kind,
+                         {**sample.detail, "late_t_mono_ns": sample.t_mono_ns})
         self._outside(sample)
         return None
 

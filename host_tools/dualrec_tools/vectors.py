@@ -432,6 +432,9 @@ VECTORS: list[Vector] = [
            _reseal(lambda: [*_base_segments()[:3],
                             _session_segment(SB, 0, T0 + 10 * NS, 2, True,
                                              skip_first_key=True)])),
+    Vector("content-cut-without-event", "§3", "a segment said to be cut for tamper holds no "
+           "tamper event", "FAILED", ["content_session"], ID,
+           lambda d, k: edit(d, k, 0, reason="tamper")),
     Vector("content-media", "§5.4", "media.mkv is not Matroska", "FAILED", ["content_media"],
            ID, _content(3, _mkv_garbage)),
     Vector("content-clock", "§3, §5.2", "the header's clock is not clock.json's", "FAILED",

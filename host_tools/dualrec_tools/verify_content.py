@@ -72,9 +72,14 @@ def check_contents(chain: dict[int, HeaderFile], identities: Sequence[Any],
                          and before.header is not None
                          and before.header["session"] == h["session"]
                          and before.header["reason"] in EARLY_CUTS)
+        # the end of the segment before a session's first, in the same boot (FORMAT.md §4)
+        prev_end = (before.header["end"]["mono_ns"] if before is not None and before.header
+                    and h["session"] and h["session_index"] == 0
+                    and before.header["boot_id"] == h["boot_id"]
+                    and before.header["session"] != h["session"] else None)
         try:
             check_payload(h, hf.payload.read_bytes(), identities, origins.get(h["session"]),
-                          keyframe_first=not continues_gop)
+                          keyframe_first=not continues_gop, prev_end=prev_end)
         except ContentError as exc:
             out.append(finding(exc.kind, seq, str(exc)))
         except OSError as exc:
@@ -83,7 +88,8 @@ def check_contents(chain: dict[int, HeaderFile], identities: Sequence[Any],
 
 
 def check_payload(h: dict[str, Any], ciphertext: bytes, identities: Sequence[Any],
-                  origin: int | None, keyframe_first: bool = True) -> None:
+                  origin: int | None, keyframe_first: bool = True,
+                  prev_end: int | None = None) -> None:
     """Raise ContentError for the first way the payload breaks the header's claims."""
     try:
         plaintext = pyrage.decrypt(ciphertext, list(identities))
@@ -95,7 +101,7 @@ def check_payload(h: dict[str, Any], ciphertext: bytes, identities: Sequence[Any
     _check_clock(h, clock)
     events = _record(EventRecord, members["events.jsonl"], "events.jsonl")
     lines = _record(LineRecord, members["oplog.jsonl"], "oplog.jsonl")
-    _check_records(h, events, lines)
+    _check_records(h, events, lines, prev_end)
     media = members.get("media.mkv")
     s = h["streams"]
     has_media = bool(s["video"]["frames"] or s["audio"]["samples"])
@@ -184,7 +190,7 @@ def _check_clock(h: dict[str, Any], clock: dict[str, Any]) -> None:
 
 
 def _check_records(h: dict[str, Any], events: list[dict[str, Any]],
-                   lines: list[dict[str, Any]]) -> None:
+                   lines: list[dict[str, Any]], prev_end: int | None = None) -> None:
     s = h["streams"]
     if len(events) != s["events"]["count"]:
         raise ContentError("content_count", f"events.jsonl holds {len(events)} events, header "
@@ -204,10 +210,11 @@ def _check_records(h: dict[str, Any], events: list[dict[str, Any]],
     times = [r["t_mono_ns"] for r in lines]
     if times != sorted(times):
         raise ContentError("content_time", "log lines are not in time order")
-    _check_session_events(h, events)
+    _check_session_events(h, events, prev_end)
 
 
-def _check_session_events(h: dict[str, Any], events: list[dict[str, Any]]) -> None:
+def _check_session_events(h: dict[str, Any], events: list[dict[str, Any]],
+                          prev_end: int | None = None) -> None:
     kinds = [e["kind"] for e in events]
     starts = [e for e in events if e["kind"] == "session_start"]
     if h["session"] and h["session_index"] == 0 and h["reason"] != "interrupted":
@@ -220,10 +227,17 @@ def _check_session_events(h: dict[str, Any], events: list[dict[str, Any]]) -> No
                 or pre != trig - h["start"]["mono_ns"]):
             raise ContentError("content_session", "session_start needs trigger_mono_ns at or "
                                "after the origin and preroll_ns = trigger_mono_ns - origin")
+        if prev_end is not None and prev_end > trig + 1:
+            raise ContentError("content_session", f"the previous segment ends {prev_end - trig} "
+                               "ns after this session's trigger: sessions overlap by more than "
+                               "the pre-roll")
     elif starts:
         raise ContentError("content_session", "session_start outside a session's first segment")
     if h["reason"] == "session_end" and "session_stop" not in kinds:
         raise ContentError("content_session", "a session_end segment holds a session_stop event")
+    if h["reason"] in EARLY_CUTS and h["reason"] not in kinds:
+        raise ContentError("content_session", f"a segment cut for {h['reason']} holds no such "
+                           "event")
     if h["reason"] == "interrupted" and "session_interrupted" not in kinds:
         raise ContentError("content_session", "an interrupted segment holds a "
                            "session_interrupted event")
