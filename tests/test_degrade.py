@@ -599,3 +599,23 @@ def test_recorder_loop_exception_is_logged_once_on_record_and_retried(tmp_path, 
     _, fault = first_event(box.sealed(), "fault", "internal")
     assert fault["detail"]["part"] == "recorder" and "KeyError" in fault["detail"]["reason"]
     box.verify()
+
+
+def test_run_exits_70_when_a_part_cannot_recover(tmp_path, key_files, monkeypatch):
+    """Tried: `dualrec run` (in-process) where the clock watcher's check always raises and the
+    supervisor gives a part up after 2 failures. Asserted: the command ends by itself with
+    exit status 70 (so systemd, which stops restarting only on 78, restarts it) and says why."""
+    from click.testing import CliRunner
+
+    import dualrec.devices.runtime as runtime_mod
+    from dualrec.cli import main
+
+    monkeypatch.setattr(runtime_mod, "FATAL_AFTER", 2)
+    monkeypatch.setattr(runtime_mod, "BACKOFF_FIRST_S", 0.1)
+    monkeypatch.setattr(Timebase, "check", lambda self: 1 / 0)
+    board = small_board(tmp_path)
+    site = write_site(tmp_path / "site.toml", key_files, extra="min_free_mb = 0\n")
+    got = CliRunner().invoke(main, ["run", "--board", str(board), "--site", str(site),
+                                    "--duration", "120"])
+    assert got.exit_code == 70, got.output
+    assert "clock-watch cannot recover after 2 failure(s): ZeroDivisionError" in got.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from dualrec.devices.base import DeviceError
 from dualrec.devices.runtime import Backoff, DeviceRunner, EventEmitter, Supervisor
@@ -183,3 +184,21 @@ def test_fault_board_follows_faults_and_the_serial_reconnection(tmp_path):
     # the uplink drives its own LED pattern: the board only lists it
     assert lamp == [("oplog", True), ("oplog:decode", True), ("oplog", False),
                     ("oplog:decode", False)]
+
+
+def test_a_worker_waiting_out_its_backoff_is_not_cleared():
+    """Tried: a worker failing every time, polled while it waits out its backoff (longer
+    than the clear delay). Asserted: one fault, never a fault_cleared, until it is given up
+    with a fatal fault and on_fatal called once."""
+    events: list[Event] = []
+    fatal: list[str] = []
+    sup = Supervisor(events.append, None, fatal.append, backoff_first_s=0.3, backoff_cap_s=0.3,
+                     fatal_after=3, clear_after_s=0.05)
+    w = sup.start("flaky", lambda: 1 / 0)
+    deadline = time.monotonic() + 30
+    while w.thread.is_alive() and time.monotonic() < deadline:
+        sup.poll()
+        w.thread.join(0.01)
+    assert [e.kind for e in events] == ["fault", "fault"]
+    assert events[1].detail["fatal"] is True and len(fatal) == 1
+    assert sup.unhealthy() == ["flaky"]

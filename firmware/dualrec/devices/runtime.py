@@ -162,14 +162,16 @@ class Supervisor:
 
     def __init__(self, events: EventSink, lamp: Lamp | None = None,
                  on_fatal: Callable[[str], None] | None = None, *,
-                 backoff_first_s: float = BACKOFF_FIRST_S, backoff_cap_s: float = BACKOFF_CAP_S,
-                 fatal_after: int = FATAL_AFTER, clear_after_s: float = CLEAR_AFTER_S) -> None:
+                 backoff_first_s: float | None = None, backoff_cap_s: float | None = None,
+                 fatal_after: int | None = None, clear_after_s: float | None = None) -> None:
         self.emit = EventEmitter("supervisor", events)
         self.lamp = lamp
         self.on_fatal = on_fatal
-        self.backoff = (backoff_first_s, backoff_cap_s)
-        self.fatal_after = fatal_after
-        self.clear_after_s = clear_after_s
+        # None: the module's figures as they are now (a test may change them)
+        self.backoff = (BACKOFF_FIRST_S if backoff_first_s is None else backoff_first_s,
+                        BACKOFF_CAP_S if backoff_cap_s is None else backoff_cap_s)
+        self.fatal_after = FATAL_AFTER if fatal_after is None else fatal_after
+        self.clear_after_s = CLEAR_AFTER_S if clear_after_s is None else clear_after_s
         self.stopping = threading.Event()
         self.workers: list[Worker] = []
         self.fatal: str | None = None
@@ -257,7 +259,10 @@ class Supervisor:
         if w.failures >= self.fatal_after:
             self._give_up(w, exc)
             return False
-        again = not self.stopping.wait(backoff.next())
+        delay = backoff.next()
+        # Not "running without failing" while it waits: poll() must not clear the fault now.
+        w.restarted_ns = time.monotonic_ns() + int(delay * NS)
+        again = not self.stopping.wait(delay)
         w.restarted_ns = time.monotonic_ns()
         return again
 
