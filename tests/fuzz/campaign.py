@@ -31,6 +31,7 @@ import hashlib
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -64,6 +65,7 @@ class Result:
     outcome: str
     description: str
     detail: str = ""  # the exception, for crashed; the verdict, for accepted
+    signature: str = ""  # what groups failures: the exception's type and where it came from
     over_strict: bool = False
     exported: bool = False
 
@@ -115,10 +117,28 @@ def fingerprint(directory: Path) -> Fingerprint:
     return frozenset(out)
 
 
+# FORMAT.md §1: what only a warning concerns when added to a directory: an uncommitted write
+# (`.NAME.tmp` or `.NAME.XXXXXXXXXXXX.tmp`), or a payload past the last header (§6.1).
+_TEMP = re.compile(r"\.[0-9]{10}\.(hdr\.json|payload\.age)(\.[0-9a-f]{12})?\.tmp", re.ASCII)
+_PAYLOAD = re.compile(r"([0-9]{10})\.payload\.age", re.ASCII)
+
+
 @dataclass(frozen=True)
 class Oracle:
     pristine: Fingerprint
     tails: dict[Fingerprint, bool]  # pristine minus its newest k segments -> ends final
+    last_seq: int
+
+    def warnings_only(self, fp: Fingerprint) -> bool:
+        """fp is the pristine directory plus entries FORMAT.md makes warnings of."""
+        if not self.pristine < fp:
+            return False
+        for name, kind, _ in fp - self.pristine:
+            m = _PAYLOAD.fullmatch(name)
+            past_last = m is not None and kind == "file" and int(m.group(1)) > self.last_seq
+            if not (past_last or _TEMP.fullmatch(name)):
+                return False
+        return True
 
     @classmethod
     def of(cls, base: Base) -> Oracle:
@@ -129,7 +149,7 @@ class Oracle:
                     for suffix in ("hdr.json", "payload.age")}
             tails[frozenset(e for e in pristine if e[0] not in gone)] = \
                 base.fields[base.n - k - 1]["final"]
-        return cls(pristine, tails)
+        return cls(pristine, tails, base.n - 1)
 
 
 def _alarm(signum: int, frame: FrameType | None) -> None:
@@ -144,7 +164,9 @@ def _judge(oracle: Oracle, directory: Path, report: Report) -> tuple[str, bool]:
         if oracle.tails[fp]:  # the newest remaining session ends final: undetectable
             return ("undetectable" if strict_ok else "rejected"), False
         return ("accepted" if strict_ok else "rejected"), not report.passed(strict=False)
-    return ("accepted" if strict_ok else "rejected"), False
+    # strict mode must refuse it all the same; not refusing it without --strict is over-strict
+    over_strict = oracle.warnings_only(fp) and not report.passed(strict=False)
+    return ("accepted" if strict_ok else "rejected"), over_strict
 
 
 def mutate(base: Base, seed: int, index: int, directory: Path, stash: Path) -> tuple[str, str]:
@@ -178,7 +200,7 @@ def run_one(base: Base, oracle: Oracle, seed: int, index: int, work: Path,
             except BaseException as exc:  # any exception is the finding
                 if isinstance(exc, KeyboardInterrupt):
                     raise
-                return Result(index, cls, "crashed", description, _exc(exc))
+                return Result(index, cls, "crashed", description, _exc(exc), _where(exc))
             outcome, over_strict = _judge(oracle, directory, report)
             if outcome == "accepted":
                 detail = report.verdict(strict=True)
@@ -194,21 +216,30 @@ def run_one(base: Base, oracle: Oracle, seed: int, index: int, work: Path,
                     if isinstance(exc, KeyboardInterrupt):
                         raise
                     return Result(index, cls, "crashed", description,
-                                  f"export_session: {_exc(exc)}", exported=True)
+                                  f"export_session: {_exc(exc)}",
+                                  f"export_session: {_where(exc)}", exported=True)
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
-        return Result(index, cls, outcome, description, detail, over_strict, exported)
+        return Result(index, cls, outcome, description, detail, "", over_strict, exported)
     finally:
         for p in (directory, stash, work / f"export{index}"):
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _frames(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-4:] if exc.__traceback__ else []
+    return " > ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames)
+
+
 def _exc(exc: BaseException) -> str:
     """The exception and the innermost frames it came through (file:line > ... > file:line)."""
-    frames = traceback.extract_tb(exc.__traceback__)[-4:] if exc.__traceback__ else []
-    where = " > ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames)
+    where = _frames(exc)
     return f"{type(exc).__name__}: {str(exc)[:200]}" + (f" at {where}" if where else "")
+
+
+def _where(exc: BaseException) -> str:
+    return f"{type(exc).__name__} at {_frames(exc)}"
 
 
 # --- running it ---------------------------------------------------------------------------------
@@ -231,8 +262,9 @@ def _scratch() -> Path:
 
 
 def run_campaign(count: int, seed: int = 1, workers: int = 2, export_fraction: float = 0.02,
-                 start: int = 0) -> Summary:
-    """Mutations start..start+count-1 of the seeded campaign; the table is format_table's."""
+                 start: int = 0, classes: Sequence[str] | None = None) -> Summary:
+    """Mutations start..start+count-1 of the seeded campaign (only those of the given classes,
+    if any); the table is format_table's."""
     global _WORKER
     t0 = time.monotonic()
     work = _scratch()
@@ -240,10 +272,12 @@ def run_campaign(count: int, seed: int = 1, workers: int = 2, export_fraction: f
         base = build_base(work / "base")
         oracle = Oracle.of(base)
         _WORKER = (base, oracle, seed, work, export_fraction)
-        indices = list(range(start, start + count))
+        names = list(CLASSES)
+        indices = [i for i in range(start, start + count)
+                   if classes is None or names[i % len(names)] in classes]
         chunk = 25
         chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
-        summary = Summary(seed, count)
+        summary = Summary(seed, len(indices))
         if workers <= 1:
             for c in chunks:
                 summary.results.extend(_run_chunk(c))
@@ -266,6 +300,8 @@ def format_table(summary: Summary, limit: int = 3) -> str:
     lines = [f"{'class':<{width}}" + "".join(f"{c:>13}" for c in cols)]
     counts = summary.counts()
     for name, c in counts.items():
+        if not c:
+            continue  # a class left out by --classes
         tried = sum(c[o] for o in OUTCOMES if o != "noop")
         lines.append(f"{name:<{width}}{tried:>13}" + "".join(f"{c[o]:>13}" for o in cols[1:]))
     tried = sum(1 for r in summary.results if r.outcome != "noop")
@@ -274,19 +310,21 @@ def format_table(summary: Summary, limit: int = 3) -> str:
     exports = sum(1 for r in summary.results if r.exported)
     over = sum(1 for r in summary.results if r.over_strict)
     lines.append(f"seed {summary.seed}, {len(summary.results)} mutations, {exports} also "
-                 f"exported with --force; tail removals failing even non-strict: {over}; "
-                 f"{summary.elapsed_s:.1f} s")
-    shown: Counter[tuple[str, str]] = Counter()
+                 f"exported with --force, {summary.elapsed_s:.1f} s")
+    lines.append(f"over-strict (warnings-only changes, or a tail left open, failing without "
+                 f"--strict; FORMAT.md §6.1 says they pass): {over}")
+    for r in [r for r in summary.results if r.over_strict][:limit]:
+        lines.append(f"    #{r.index} {r.cls}: {r.description}")
+    groups: dict[tuple[str, str, str], list[Result]] = {}
     for r in summary.failures:
-        shown[(r.cls, r.outcome)] += 1
-        if shown[(r.cls, r.outcome)] > limit:
-            continue
-        lines.append(f"{r.outcome.upper()} {r.cls} #{r.index}: {r.description}\n    {r.detail}"
-                     f"\n    reproduce: python -m tests.fuzz.campaign --seed {summary.seed} "
-                     f"--index {r.index} --keep /tmp/fuzz-{r.index}")
-    hidden = sum(max(0, n - limit) for n in shown.values())
-    if hidden:
-        lines.append(f"({hidden} more failures not shown)")
+        groups.setdefault((r.outcome, r.cls, r.signature), []).append(r)
+    for (outcome, cls, signature), rs in sorted(groups.items()):
+        lines.append(f"{outcome.upper()} {cls}{': ' + signature if signature else ''}: "
+                     f"{len(rs)} mutations")
+        for r in rs[:limit]:
+            lines.append(f"    #{r.index}: {r.description}\n        {r.detail}\n        "
+                         f"reproduce: python -m tests.fuzz.campaign --seed {summary.seed} "
+                         f"--index {r.index} --keep /tmp/fuzz-{r.index}")
     return "\n".join(lines)
 
 
@@ -318,11 +356,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--export-fraction", type=float, default=0.02)
     ap.add_argument("--index", type=int, help="redo this one mutation (with --keep)")
     ap.add_argument("--keep", type=Path, help="where --index keeps its directories")
+    ap.add_argument("--classes", help="comma-separated: only these mutation classes "
+                    f"({', '.join(CLASSES)})")
     args = ap.parse_args(argv)
     if args.index is not None:
         keep = args.keep or Path(tempfile.mkdtemp(prefix=f"fuzz-{args.index}-"))
         return reproduce(args.seed, args.index, keep)
-    summary = run_campaign(args.count, args.seed, args.workers, args.export_fraction)
+    classes = args.classes.split(",") if args.classes else None
+    unknown = set(classes or ()) - set(CLASSES)
+    if unknown:
+        ap.error(f"unknown classes: {', '.join(sorted(unknown))}")
+    summary = run_campaign(args.count, args.seed, args.workers, args.export_fraction,
+                           classes=classes)
     print(format_table(summary))
     print(f"elapsed: {summary.elapsed_s:.1f} s")
     return 0 if summary.ok else 1

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import av
 import pyrage
 
 from dualrec.canonical import canonical_bytes, parse_canonical
@@ -535,7 +536,8 @@ def resign_consistency(m: Mutator) -> str:
     same_prev = seq > 0 and base.fields[seq - 1]["session"] == session != ""
     how = rng.choice(["start-late", "start-early", "end-late", "count", "utc", "clock",
                       "payload-ref", "prev", "seq", "device", "session", "session-index",
-                      "boot", "idle-reason", "time-order", "join-session", "unfinal"])
+                      "boot", "idle-reason", "time-order", "join-session", "unfinal",
+                      "other-key"])
     if how in ("start-late", "start-early") and same_prev:
         d = 1 if how == "start-late" else -1
         f["start"]["mono_ns"] += d
@@ -591,6 +593,11 @@ def resign_consistency(m: Mutator) -> str:
     elif how == "session-index" and session:
         f["session_index"] += rng.choice([1, 2]) if f["session_index"] == 0 \
             else rng.choice([-1, 1])
+    elif how == "other-key":
+        # unchanged fields, naming device A, signed by device B's key
+        other = m.sign(f, base.other_key)
+        m.rechain(seq, other)
+        return f"seq {seq} signed by device B's key, re-chained"
     elif how == "join-session" and session and f["session_index"] == 0 and seq > 0:
         # session B's first segment made a continuation of the session before it
         prior = next(x for x in reversed(base.fields[:seq]) if x["session"])
@@ -715,7 +722,8 @@ def resign_payload(m: Mutator) -> str:
     if f["streams"]["oplog"]["lines"] >= 2:
         kinds.append("line-order")
     if media:
-        kinds += ["media-missing", "media-other-segment", "media-truncated", "media-garbage"]
+        kinds += ["media-missing", "media-other-segment", "media-truncated", "media-garbage",
+                  "media-no-keyframe"]
     if not session:
         kinds.append("media-added")
     how = rng.choice(kinds)
@@ -816,6 +824,11 @@ def resign_payload(m: Mutator) -> str:
         put("media.mkv", mem["media.mkv"][:rng.randrange(len(mem["media.mkv"]) // 2)])
     elif how == "media-garbage":
         put("media.mkv", rng.randbytes(len(mem["media.mkv"])))
+    elif how == "media-no-keyframe":
+        # the first video packet (a keyframe) left out, the counts kept consistent
+        put("media.mkv", _without_first_video_packet(mem["media.mkv"]))
+        f["streams"]["video"]["frames"] -= 1
+        f["streams"]["video"]["keyframes"] -= 1
     elif how == "media-added":
         members.append(("media.mkv", dict(base.members[0])["media.mkv"]))
     else:
@@ -829,6 +842,24 @@ def resign_payload(m: Mutator) -> str:
     m.write(m.pp(seq), payload)
     m.rechain(seq, m.sign(f))
     return f"seq {seq} payload {how}, header re-signed with its size and sha256"
+
+
+def _without_first_video_packet(media: bytes) -> bytes:
+    """media.mkv remuxed without its first video packet."""
+    out = io.BytesIO()
+    with av.open(io.BytesIO(media), "r", format="matroska") as inp, \
+            av.open(out, "w", format="matroska") as mkv:
+        targets = {s.index: mkv.add_stream_from_template(s) for s in inp.streams}
+        dropped = False
+        for pkt in inp.demux():
+            if pkt.size == 0 or pkt.pts is None:
+                continue
+            if pkt.stream.type == "video" and not dropped:
+                dropped = True
+                continue
+            pkt.stream = targets[pkt.stream.index]
+            mkv.mux(pkt)
+    return out.getvalue()
 
 
 # --- names: renames, shadows, duplicates, reorders, deletions ------------------------------------
