@@ -6,18 +6,35 @@
 # lintian (checks the .deb), python3-venv and python3-numpy (the package's offline install runs
 # on Debian's python3), mtools and dosfstools (the FAT boot partition, no mount), fdisk (sfdisk
 # writes the synthetic image's partition table), e2fsprogs (mkfs.ext4 -d), bmap-tools (the
-# image's block map; also a second, independent writer the tests compare with).
+# image's block map; also a second, independent writer the tests compare with), prometheus
+# (promtool checks the receiver's alert rules; Debian ships promtool only in this package).
 set -euo pipefail
 packages=(ffmpeg age portaudio19-dev alsa-utils libasound2-plugins chrony systemd
-          lintian python3-venv python3-numpy mtools dosfstools fdisk e2fsprogs bmap-tools)
+          lintian python3-venv python3-numpy mtools dosfstools fdisk e2fsprogs bmap-tools
+          prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "installing Debian packages: ${missing[*]}"
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# cloud-init's schema (tests/test_image.py validates the image's user-data against it): taken
+# out of Debian's cloud-init package, not installed, since an installed cloud-init would run at
+# this machine's next boot.
+schema_dir=build/cloud-init
+if [ ! -e "$schema_dir/schema-cloud-config-v1.json" ]; then
+  tmp=$(mktemp -d)
+  chmod 0755 "$tmp"  # apt-get download works as the _apt user
+  (cd "$tmp" && apt-get download -qq cloud-init 2>/dev/null \
+     || { $sudo apt-get update -qq && apt-get download -qq cloud-init; })
+  dpkg-deb -x "$tmp"/cloud-init_*.deb "$tmp/x"
+  mkdir -p "$schema_dir"
+  cp "$tmp"/x/usr/lib/python3/dist-packages/cloudinit/config/schemas/*.json "$schema_dir/"
+  rm -rf "$tmp"
+fi

@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 
 from dualrec_tools.export import ExportError, export_session, load_identities
+from dualrec_tools.flash import flash_command
+from dualrec_tools.image import image
 from dualrec_tools.keys import (
     BRANCH_FILES,
     DEFAULT_RECEIVER_NAMES,
@@ -308,6 +310,11 @@ def vectors(out: Path) -> None:
 # --- tap (the Pico serial tap: flash, verify, fetch-deps, monitor; dualrec_tools/tap.py) -------
 
 main.add_command(tap)
+
+# --- the box's card: image (dualrec_tools/image.py) and flash (dualrec_tools/flash.py) --------
+
+main.add_command(image)
+main.add_command(flash_command)
 
 
 if __name__ == "__main__":
