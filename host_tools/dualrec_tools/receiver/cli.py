@@ -13,7 +13,9 @@ from typing import Any
 
 import click
 
+from dualrec_tools.receiver.alerts import AlertConfig
 from dualrec_tools.receiver.limits import LimitError, Limits
+from dualrec_tools.receiver.retention import RetentionPolicy
 from dualrec_tools.receiver.server import ReceiverConfig, serve
 from dualrec_tools.receiver.store import EnrollError, ReceiverStore
 from dualrec_tools.verify import KeyFileError, load_device_key
@@ -51,9 +53,16 @@ def main() -> None:
               help="A listener of its own for /metrics (it is on the admin listener anyway).")
 @click.option("--log-file", default=None, type=click.Path(path_type=Path),
               help="Also log to this file (0640, rotated at 10 MB, 5 kept) [default: stderr].")
+@click.option("--keep-days", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Retention: delete verified segments this many days after their session "
+                   "(legal holds excepted; every deletion in deletion-log.jsonl) [default: "
+                   "keep everything].")
+@click.option("--webhook", default=None, metavar="URL",
+              help="POST alert transitions as JSON to URL (sites without Prometheus).")
 def serve_cmd(data_dir: Path, keys_dir: Path, listen: str, admin_listen: str,
               max_payload_mb: int, receiver_id: str | None, limit_args: tuple[str, ...],
-              metrics_listen: str | None, log_file: Path | None) -> None:
+              metrics_listen: str | None, log_file: Path | None, keep_days: float | None,
+              webhook: str | None) -> None:
     """Serve until SIGTERM; print LISTENING https://HOST:PORT admin http://HOST:PORT."""
     os.umask(0o027)  # segments, receiver.db, logs: never world-readable
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -72,7 +81,9 @@ def serve_cmd(data_dir: Path, keys_dir: Path, listen: str, admin_listen: str,
                             admin_host=admin_host, admin_port=admin_port,
                             max_payload=max_payload_mb * 1024 * 1024, receiver_id=receiver_id,
                             limits=parse_limits(limit_args), metrics_host=metrics_host,
-                            metrics_port=metrics_port)
+                            metrics_port=metrics_port,
+                            alerts=AlertConfig(webhook) if webhook else None,
+                            retention=RetentionPolicy(keep_days) if keep_days else None)
     try:
         serve(config)
     except LimitError as exc:
@@ -119,6 +130,20 @@ def enroll(data_dir: Path, device_id: str, signing_key: Path, cert: Path, replac
         except EnrollError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"enrolled {device.id} (certificate sha256 {device.cert_sha256})")
+
+
+@main.command()
+@DATA
+@click.option("--device-id", required=True)
+@click.option("--session", default=None, help="One session only [default: the whole device].")
+@click.option("--release", is_flag=True, help="Lift the hold instead of setting it.")
+@click.option("--note", default="", help="Why (a case number; no customer data).")
+def hold(data_dir: Path, device_id: str, session: str | None, release: bool, note: str) -> None:
+    """Set or lift a legal hold: retention deletes nothing held (works while serving)."""
+    with ReceiverStore(data_dir) as store:
+        store.set_hold(device_id, session, not release, note)
+        for h in store.holds():
+            click.echo(f"held: {h['device']} {h['session'] or '(all sessions)'} {h['note']}")
 
 
 def _utc(ns: int | None) -> str:

@@ -8,9 +8,12 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dualrec_tools.receiver import metrics
+from dualrec_tools.receiver import metrics, retention
+from dualrec_tools.receiver.alerts import Alerter
 from dualrec_tools.receiver.guard import Guard
+from dualrec_tools.receiver.ratelog import RateLimitedLog
 from dualrec_tools.receiver.storage import Storage
 
 if TYPE_CHECKING:
@@ -32,10 +35,19 @@ def metrics_app(admin_app: web.Application) -> web.Application:
     return app
 
 
-def install(admin_app: web.Application, store: Storage, guard: Guard,
-            config: ReceiverConfig) -> list[Coroutine[Any, Any, None]]:
-    """Add /metrics (and the admin retention routes) to admin_app; return the background
+def install(admin_app: web.Application, store: Storage, guard: Guard, config: ReceiverConfig,
+            events: RateLimitedLog, receipt_key: Ed25519PrivateKey
+            ) -> list[Coroutine[Any, Any, None]]:
+    """Add /metrics and the admin retention routes to admin_app; return the background
     coroutines to run for as long as the receiver runs."""
     admin_app[METRICS] = (store, guard)
     admin_app.router.add_get("/metrics", get_metrics)
-    return []
+    retention.add_admin_routes(admin_app, store)
+    jobs: list[Coroutine[Any, Any, None]] = []
+    if config.alerts is not None:
+        jobs.append(Alerter(store, config.alerts, events).run())
+    if config.retention is not None:
+        log_path = config.data_dir / retention.DELETION_LOG
+        jobs.append(retention.Retention(store, config.retention, log_path, receipt_key,
+                                        events).run())
+    return jobs

@@ -34,10 +34,12 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from dualrec_tools.pki import device_id_of
 from dualrec_tools.receiver import safejson
+from dualrec_tools.receiver.alerts import AlertConfig
 from dualrec_tools.receiver.bodies import RateCheck, TooLarge, TooSlow, read_body
 from dualrec_tools.receiver.guard import Guard, GuardedSite
 from dualrec_tools.receiver.limits import Limits, check_nofile
 from dualrec_tools.receiver.ratelog import RateLimitedLog, RateLimitFilter
+from dualrec_tools.receiver.retention import RetentionPolicy
 from dualrec_tools.receiver.store import (
     DEVICE_ID,
     EnrollConflict,
@@ -453,7 +455,8 @@ class ReceiverConfig:
     # /metrics is always on the admin listener; this adds a listener of its own (port 0: any).
     metrics_host: str | None = None
     metrics_port: int = 9464
-    extras: dict[str, object] = field(default_factory=dict)  # retention, alerts (extras.py)
+    alerts: AlertConfig | None = None  # the webhook sender (alerts.py); None: off
+    retention: RetentionPolicy | None = None  # None: keep everything (retention.py)
 
 
 def load_receipt_key(path: Path) -> Ed25519PrivateKey:
@@ -541,7 +544,8 @@ async def start_receiver(config: ReceiverConfig) -> RunningReceiver:
         admin_app = make_admin_app(store, limits, events)
         from dualrec_tools.receiver import extras  # metrics, retention, alerts
 
-        running_extras = extras.install(admin_app, store, guard, config)
+        running_extras = extras.install(admin_app, store, guard, config, events,
+                                        load_receipt_key(keys / "receipt.key"))
         admin = web.AppRunner(admin_app, shutdown_timeout=config.shutdown_timeout,
                               access_log=None)
         await admin.setup()

@@ -59,6 +59,7 @@ class RetentionCandidate:
     header_sha256: str
     session: str | None
     end_utc_ns: int
+    session_over: bool  # the next segment belongs to another session (or this one is idle)
 
 
 @runtime_checkable

@@ -621,8 +621,9 @@ class ReceiverStore:
                 break  # a gap or a payload still awaited: nothing above is verified yet
             if r["deleted_at"] is not None:
                 continue
+            over = r["session"] is None or rows[expect + 1]["session"] != r["session"]
             out.append(RetentionCandidate(device, r["seq"], r["header_sha256"], r["session"],
-                                          r["end_utc_ns"] or 0))
+                                          r["end_utc_ns"] or 0, over))
             if len(out) >= limit:
                 break
         return out
