@@ -26,6 +26,10 @@ class ChainHead:
 class ChainState:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # No state on disk: a new box, or one whose state was lost (a replaced or restored SD
+        # card, a deleted file). The gateway then resumes from what it can prove: its spool,
+        # or the receiver's head (dualrec.chain_resume, FORMAT.md §4).
+        self.fresh = not path.exists()
         with contextlib.suppress(OSError):  # 0600, -wal/-shm follow; a read-only disk keeps its
             os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))  # mode and still starts
             os.chmod(path, 0o600)
@@ -90,6 +94,28 @@ class ChainState:
                 )
             self.advance(head.next_seq, data)
             adopted.append(head.next_seq)
+
+    def adopt(self, header_bytes: bytes) -> None:
+        """Take a header proven to be this device's newest (its own signature checked by the
+        caller) as the head of a fresh state: the next seq follows it, and its session, unless
+        final, is the one left open."""
+        header = parse_header(header_bytes)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("UPDATE chain SET next_seq = ?, prev = ? WHERE id = 0",
+                             (header["seq"] + 1, header_hash(header_bytes)))
+            self._db.execute("DELETE FROM open_session")
+            if not header["final"]:
+                self._db.execute(
+                    "INSERT INTO open_session VALUES (0, ?, ?, ?, ?, ?)",
+                    (header["session"], header["boot_id"], header["session_index"] + 1,
+                     header["end"]["mono_ns"], header["end"]["utc_ns"]))
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self.fresh = False
 
     # --- the session that a crash may leave open -------------------------------------------
 

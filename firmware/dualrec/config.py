@@ -424,6 +424,11 @@ class UplinkSection(_Strict):
                                     "s.")] = 30
     backoff_max_s: Annotated[int, Field(ge=1, le=3600, description="Longest wait between "
                                         "retries, s.")] = 60
+    resume_wait_s: Annotated[int, Field(ge=10, le=86_400, description="With its chain state "
+                                        "lost and an empty spool, how long the box asks the "
+                                        "receiver for its newest segment (holding new segments "
+                                        "in memory) before it starts a new chain from genesis "
+                                        "(FORMAT.md §4).")] = 600
 
 
 class SiteConfig(_Strict):

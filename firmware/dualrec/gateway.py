@@ -51,6 +51,26 @@ DEVICE_RESTART_AFTER_S = 10.0
 EXIT_FATAL = 70  # EX_SOFTWARE: a part could not recover; systemd restarts the process
 
 
+def _closing_segment(session: str, index: int, prev_boot: str, last_end_utc_ns: int,
+                     boot: str, reason: str, at_ns: int | None = None) -> Segment:
+    """The final `interrupted` segment that closes a session left open (FORMAT.md §3)."""
+    now = time.monotonic_ns() if at_ns is None else at_ns
+    ev = Event(now, "session_interrupted", {
+        "previous_boot_id": prev_boot, "last_segment_end_utc_ns": last_end_utc_ns,
+        "same_boot": prev_boot == boot, "reason": reason})
+    return Segment(session=session, index=index, origin_ns=now, start_ns=now, end_ns=now + 1,
+                   reason="interrupted", final=True, events=[ev])
+
+
+def _idle_record(ev: Event, at_ns: int | None = None) -> Segment:
+    """An idle segment holding one event, sealed for its kind (chain_resumed, chain_restart),
+    at at_ns or now: after whatever was sealed before it."""
+    t = max(ev.t_mono_ns, time.monotonic_ns()) if at_ns is None else at_ns
+    ev = Event(t, ev.kind, ev.detail)
+    return Segment(session="", index=0, origin_ns=t, start_ns=t, end_ns=t + 1, reason=ev.kind,
+                   final=True, events=[ev])
+
+
 class FaultLamp:
     """Several parts report faults; the one LED shows the most urgent still active.
 
@@ -221,6 +241,8 @@ class Gateway:
         self._next_clock_poll = 0
         self._clock_fault: str | None = None
         self.watchdog: WatchdogFeeder | None = None
+        self._chain_resume = None  # asking the receiver for the head after a lost chain state
+        self._resume_t0 = 0
         self._sealed_seen = 0
         self._seal_progress_ns = time.monotonic_ns()
 
@@ -238,27 +260,78 @@ class Gateway:
 
     def _recover(self) -> str | None:
         """Adopt or clean what an unclean stop left; close a session it left open and return
-        its id."""
+        its id; resume a chain whose state was lost."""
         adopted, removed = self.sealer.recover()
         for seq in adopted:
             log.warning("adopted seq %d committed before an unclean stop", seq)
         for path in removed:
             log.warning("removed uncommitted %s", path.name)
+        resumed = self._resume_lost_chain(adopted)
         left = self.sealer.open_session()  # counts a header the state missed
-        if left is None:
-            return None
-        session, prev_boot, next_index, _, last_end_utc = left
-        now = time.monotonic_ns()
-        ev = Event(now, "session_interrupted", {
-            "previous_boot_id": prev_boot, "last_segment_end_utc_ns": last_end_utc,
-            "same_boot": prev_boot == self.sealer.boot_id,
-            "reason": "the gateway stopped without closing the session (crash, kill or power loss)",
-        })
-        seg = Segment(session=session, index=next_index, origin_ns=now, start_ns=now,
-                      end_ns=now + 1, reason="interrupted", final=True, events=[ev])
-        self.sealing.put(seg)  # first in the queue; the worker retries it if the disk is full
-        log.warning("closing session %s, interrupted by an unclean stop", session)
+        session = None
+        if left is not None:
+            session, prev_boot, next_index, _, last_end_utc = left
+            self.sealing.put(_closing_segment(
+                session, next_index, prev_boot, last_end_utc, self.sealer.boot_id,
+                "the gateway stopped without closing the session (crash, kill or power loss)"))
+            log.warning("closing session %s, interrupted by an unclean stop", session)
+        if resumed is not None:  # after the closing segment: seqs follow time
+            self.sealing.put(_idle_record(resumed))
         return session
+
+    def _resume_lost_chain(self, adopted: list[int]) -> Event | None:
+        """With no chain state on disk, continue after the newest header this device can prove
+        is its own: from the spool at once (the event to put on record is returned), else from
+        the receiver, holding the sealer while it asks (dualrec.chain_resume; FORMAT.md §4)."""
+        from dualrec import chain_resume
+
+        if not self.chain.fresh:
+            return None
+        device, pub = self.site.device.id, self.sealer.public_key
+        own = chain_resume.newest_in_spool(self.site.spool.dir, device, pub)
+        if own is not None:
+            if not adopted:  # the spool does not start at seq 0 (uploads deleted the rest)
+                self.chain.adopt(own)
+            ev = chain_resume.resumed_event(
+                "spool", own, "chain state lost; resumed after the newest segment in the spool")
+            log.warning("chain state lost: resumed after seq %d from the spool", ev.detail["seq"])
+            return ev
+        uplink = self.site.uplink
+        if uplink is None:
+            return None  # nothing sealed anywhere else: a new chain from genesis is the chain
+        self.sealer.hold("chain state lost: asking the receiver for this device's newest segment")
+        # what the answer puts on record is dated now, before anything recorded meanwhile
+        self._resume_t0 = time.monotonic_ns()
+        self.lamp.set("seal:resume", True)
+        self._chain_resume = chain_resume.ReceiverResume(
+            lambda: chain_resume.receiver_head(uplink, device, pub), self._chain_resumed,
+            uplink.resume_wait_s)
+        self._chain_resume.start()
+        return None
+
+    def _chain_resumed(self, head: bytes | None, ev: Event | None) -> None:
+        """The receiver answered (or could not be reached in time): continue the chain, close
+        the head's session if it was left open, and put what happened on record, before any
+        segment recorded meanwhile."""
+        from dualrec.segment_format import parse_header
+
+        first = []
+        if head is not None and not (h := parse_header(head))["final"]:
+            first.append(_closing_segment(
+                h["session"], h["session_index"] + 1, h["boot_id"], h["end"]["utc_ns"],
+                self.sealer.boot_id, "the box lost its chain state with this session open",
+                at_ns=self._resume_t0))
+        if ev is not None:
+            first.append(_idle_record(ev, at_ns=self._resume_t0 + 1))
+        self.sealer.resume(head, first)
+        self.lamp.set("seal:resume", False)
+        if ev is None:
+            return  # the receiver holds nothing of this device: a new chain, nothing lost
+        if ev.kind == "chain_restart":
+            log.error("%s", ev.detail["reason"])
+            self.lamp.set("internal:chain", True)
+        else:
+            log.warning("%s (seq %d)", ev.detail["reason"], ev.detail["seq"])
 
     def _start_device(self, name: str, dev: object, start_args: int = 2) -> None:
         """Start a device now or, absent or failing, record the fault and keep trying in the
@@ -314,6 +387,8 @@ class Gateway:
                 if name in self.runners:
                     self.runners[name].stop()
             self.watcher.stop()
+            if self._chain_resume is not None:
+                self._chain_resume.stop()
             try:
                 while not self.q.empty():
                     self._step(0)

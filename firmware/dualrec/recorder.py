@@ -38,7 +38,7 @@ IMMEDIATE = {"tamper", "power_fail", "clock_step"}  # cut the segment at once (F
 # or a loss on the log line that may have swallowed a transaction's start line, must be on
 # record even with no session.
 ON_RECORD_WHEN_IDLE = IMMEDIATE | {"fault", "session_interrupted", "fault_cleared", "tap_reset",
-                                   "tap_gap"}
+                                   "tap_gap", "chain_resumed", "chain_restart"}
 IDLE_SEAL_NS = 10_000_000_000  # lines outside sessions wait at most this long to be sealed
 IDLE_MAX_BYTES = 256 * 1024  # ... or this much
 NO_RULES = TransactionRules.build([], {})

@@ -30,7 +30,7 @@ FINAL_REASONS = frozenset({"session_end", "interrupted"})
 # or `event` for any other kind, `oplog` for operation-log lines received while idle.
 IDLE_REASONS = frozenset({"tamper", "power_fail", "clock_step", "fault", "fault_cleared",
                           "session_interrupted", "session_refused", "tap_reset", "tap_gap",
-                          "event", "oplog"})
+                          "chain_resumed", "chain_restart", "event", "oplog"})
 CLOCK_SOURCES = ("pps", "rtc", "system", "chrony")  # joined by "+" in this order
 LOG_FLAGS = ("continued", "control", "decode_error", "nul", "overlong", "unterminated")
 

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ class Sealer:
         # (seq, header bytes) of a committed header the chain state has not recorded yet
         self._lag: tuple[int, bytes] | None = None
         self.lag_error: BaseException | None = None
+        self._hold_lock = threading.Lock()
+        self._held: str | None = None  # why no seq may be issued yet (the head is unknown)
+        self._first: list[Segment] = []
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def recover(self) -> tuple[list[int], list[Path]]:
@@ -172,7 +176,36 @@ class Sealer:
         self.lag_error = None
         return True
 
+    @property
+    def public_key(self):  # -> Ed25519PublicKey: to recognise this device's own headers
+        return self._key.public_key()
+
+    def hold(self, reason: str) -> None:
+        """Issue no seq until resume(): the chain's head is not known yet (dualrec.chain_resume);
+        segments wait in memory, retried by the seal worker."""
+        with self._hold_lock:
+            self._held = reason
+
+    def resume(self, head_header: bytes | None, first: list[Segment] | None = None) -> None:
+        """Continue after head_header (proven to be this device's newest), or from genesis
+        when None; `first` (the closing segment of the head's open session, the record of the
+        resume) is sealed before anything else."""
+        with self._hold_lock:
+            if head_header is not None:
+                self._chain.adopt(head_header)
+            self._first = list(first or [])
+            self._held = None
+
     def seal(self, seg: Segment) -> Sealed:
+        with self._hold_lock:
+            if self._held is not None:
+                raise SealError(self._held)
+        while self._first:  # sealed before anything else, also when a try fails
+            self._seal(self._first[0])
+            self._first.pop(0)
+        return self._seal(seg)
+
+    def _seal(self, seg: Segment) -> Sealed:
         # Never issue a seq while a committed one is missing from the state: it would be
         # issued twice (a fork) or, after a restart from a stale state, overwritten.
         self.catch_up()

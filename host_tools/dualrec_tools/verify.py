@@ -74,6 +74,8 @@ FINDINGS = {
     "session_after_final": "a segment of a session after its final segment",
     "session_cut_off": "a session without its final segment, yet later segments follow",
     "session_open": "the newest session has no final segment yet; warning",
+    "chain_resumed": "the device lost its chain state and resumed its chain here; warning",
+    "chain_restart": "the device lost its chain state and began a new chain; warning",
     "payload_undecryptable": "the payload does not decrypt with the given identity",
     "content_tar": "the plaintext is not the tar FORMAT.md §5.2 describes",
     "content_record": "a member's record is not canonical or breaks the schema",
@@ -84,7 +86,7 @@ FINDINGS = {
     "content_clock": "clock.json disagrees with the header's times or clock",
     "content_session": "session events missing or inconsistent with the header",
 }
-WARNING_KINDS = {"temp_file", "session_open"}
+WARNING_KINDS = {"temp_file", "session_open", "chain_resumed", "chain_restart"}
 
 
 class KeyFileError(ValueError):
@@ -579,6 +581,22 @@ def _check_sessions(sessions: list[SessionInfo], chain: dict[int, HeaderFile],
     return out
 
 
+def _check_restarts(chain: dict[int, HeaderFile]) -> list[Problem]:
+    """Where the device says it lost its chain state (FORMAT.md §4): a warning, so a reader
+    knows the chain before this point was taken from the spool or the receiver."""
+    out = []
+    for seq, hf in sorted(chain.items()):
+        reason = hf.header["reason"] if hf.header is not None and not hf.header["session"] \
+            else None
+        if reason == "chain_resumed":
+            out.append(finding("chain_resumed", seq, "the device lost its chain state and "
+                               "resumed its chain here (its chain_resumed event says from what)"))
+        elif reason == "chain_restart":
+            out.append(finding("chain_restart", seq, "the device lost its chain state and began "
+                               "a new chain (its chain_restart event says why)"))
+    return out
+
+
 def _order(p: Problem) -> tuple[int, int, str]:
     # by seq, then the sessions' findings (which sum up what the seqs showed), then the rest
     if p.seq is not None:
@@ -620,6 +638,7 @@ def verify_dir(directory: Path, keys: Sequence[DeviceKey] | None, *,
                                 warning=seq > highest))
     sessions = sessions_of(chain.values())
     problems.extend(_check_sessions(sessions, chain, from_seq))
+    problems.extend(_check_restarts(chain))
     if identities is not None:
         from dualrec_tools.verify_content import check_contents
 
