@@ -68,6 +68,9 @@ FAULT_PATTERNS: dict[str, tuple[int, ...]] = {
     # The session that just ended lacks a step its business type requires (risk disclosure,
     # customer confirmation...): four quick flashes every 1.6 s, while the customer is there.
     "incomplete": (100, 100, 100, 100, 100, 100, 100, 900),
+    # The branch server refuses a segment for good (kept on the box, reported): two long
+    # flashes every 2.5 s, so it is not taken for an unreachable server (slow blink).
+    "quarantine": (700, 300, 700, 800),
 }
 # Any other fault name: steady on. No fault: off.
 
