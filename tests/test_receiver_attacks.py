@@ -90,7 +90,7 @@ def _log_lines(caplog) -> list[str]:
 
 
 def test_1100_idle_tcp_connections(receiver, world: World, caplog) -> None:
-    """1,100 idle TCP connections (no TLS) against a cap of 1,000 and 64 handshakes per
+    """1,100 idle TCP connections (no TLS) against a cap of 1,000 and 16 handshakes per
     address: the box still connects and delivers at once; the attacker's are closed by the
     10 s handshake timeout (here 2 s); no traceback, a few log lines."""
     caplog.set_level(logging.INFO, "dualrec.receiver")
@@ -104,11 +104,11 @@ def test_1100_idle_tcp_connections(receiver, world: World, caplog) -> None:
                 break
         assert len(socks) == 1100  # the kernel accepts them; the receiver drops most at once
         assert _wait(lambda: rx.running.guard.stats.conn_refused["per_ip"] >= 1000)
-        assert len(rx.running.guard.conns) <= 64
+        assert len(rx.running.guard.conns) <= 16
         t0 = time.monotonic()
         assert _deliver(rx, world) == 200
         assert time.monotonic() - t0 < 3
-        assert _wait(lambda: rx.running.guard.stats.tls_refused["timeout"] >= 60, 10)
+        assert _wait(lambda: rx.running.guard.stats.tls_refused["timeout"] >= 16, 10)
         assert _wait(lambda: not rx.running.guard.conns, 5)
     finally:
         for s in socks:
@@ -121,8 +121,8 @@ def test_1100_idle_tcp_connections(receiver, world: World, caplog) -> None:
 
 
 def test_total_cap_evicts_unauthenticated_first(receiver, world: World) -> None:
-    """At the total cap a new connection pushes out the oldest one still in its handshake, so
-    idle sockets from many addresses cannot lock the boxes out."""
+    """At the total cap a new connection pushes out the oldest unfinished handshake of the
+    address with the most of them, so idle sockets cannot lock the boxes out."""
     rx = receiver(limits=Limits(max_connections=40, max_handshakes_per_ip=64))
     socks = [_raw(rx) for _ in range(40)]
     try:
@@ -186,9 +186,9 @@ def test_70_slow_payload_uploads_from_one_cert(receiver, world: World, caplog) -
     answers: list[str] = []
     lock = threading.Lock()
 
-    def attack() -> None:
-        try:
-            s = _tls_sock(rx, world, DEV)
+    def attack(i: int) -> None:
+        try:  # from ten addresses: the per-address handshake cap is not what is tested here
+            s = _tls_sock(rx, world, DEV, source=f"127.0.2.{i % 10 + 1}")
             head = (f"PUT /v1/devices/{DEV}/segments/0/payload HTTP/1.1\r\nHost: x\r\n"
                     f"Content-Length: {len(seg.payload)}\r\n"
                     f"X-Dualrec-Header-SHA256: {seg.sha}\r\n\r\n").encode()
@@ -212,7 +212,7 @@ def test_70_slow_payload_uploads_from_one_cert(receiver, world: World, caplog) -
         with lock:
             answers.append(word)
 
-    threads = [threading.Thread(target=attack) for _ in range(70)]
+    threads = [threading.Thread(target=attack, args=(i,)) for i in range(70)]
     for t in threads:
         t.start()
     time.sleep(1)

@@ -28,6 +28,10 @@ not a test. With --profile, an extra (unmeasured) gateway run under py-spy lists
 With --skip-gateway only the clip and part 5 run (quick iteration on the uplink); their figures
 replace the "uplink" entry of an existing run/bench.json and leave the rest of it as it was.
 With --only-tap only part 6 runs, and replaces the "tap" entry the same way.
+
+7. The receiver under load and attack (tests.bench.receiver_bench): 50 boxes at their bandwidth
+   cap, alone and while an attacker holds 2,000 idle connections and 100 slow uploads. With
+   --only-receiver only part 7 runs, and replaces the "receiver" entry the same way.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from dualrec.segment import Segment
 from dualrec.sim.terminal import stamp_line
 from dualrec.timebase import Timebase
 
-from . import tap_bench, uplink_bench
+from . import receiver_bench, tap_bench, uplink_bench
 from .clip import encode_clip, looped, noise_pcm
 from .oplog_writer import bodies, log_bytes
 
@@ -463,6 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also run the gateway under py-spy (unmeasured) and list hot spots")
     ap.add_argument("--only-tap", action="store_true",
                     help="run only the Pico tap part (6); it replaces the \"tap\" entry")
+    ap.add_argument("--only-receiver", action="store_true",
+                    help="run only the receiver part (7); it replaces the \"receiver\" entry")
+    ap.add_argument("--receiver-segments", type=int, default=4,
+                    help="segments per simulated box in part 7")
     ap.add_argument("--tap-seconds", type=float, default=60.0,
                     help="length of the tap's 921600-baud stream")
     ap.add_argument("--tap-sync", action="store_true",
@@ -548,9 +556,35 @@ def _bench_uplink_only(args: argparse.Namespace, work: Path) -> int:
     return 0
 
 
+def _receiver(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    print("receiver: 50 boxes alone, then under attack ...", flush=True)
+    return receiver_bench.run_receiver_bench(work / "receiver",
+                                             segments=args.receiver_segments)
+
+
+def _bench_receiver_only(args: argparse.Namespace, work: Path) -> int:
+    info = machine_info()
+    print(f"dualrec bench, receiver only: {info['cpu']} x{info['cores']}", flush=True)
+    receiver = _receiver(args, work)
+    results: dict[str, Any] = {}
+    if args.out.exists():
+        with contextlib.suppress(ValueError):
+            results = json.loads(args.out.read_text())
+    results.setdefault("machine", info)
+    results["receiver"] = receiver
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    print()
+    print(table(receiver_bench.rows(receiver)))
+    print(f"\nwritten: {args.out} (receiver entry)")
+    return 0
+
+
 def _bench(args: argparse.Namespace, work: Path) -> int:
     if args.only_tap:
         return _bench_tap_only(args, work)
+    if args.only_receiver:
+        return _bench_receiver_only(args, work)
     if args.skip_gateway:
         return _bench_uplink_only(args, work)
     seconds = args.seconds
@@ -604,6 +638,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
 
     uplink = _uplink(args, work, units)
     tap = _tap(args, work)
+    receiver = _receiver(args, work)
 
     ratio_run = gw_run_per_s / base_per_s if base_per_s else None
     ratio_all = gw_all_per_s / base_per_s if base_per_s else None
@@ -630,6 +665,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         "profile": profile,
         "uplink": uplink,
         "tap": tap,
+        "receiver": receiver,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
@@ -691,6 +727,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
          f"{results['ratios']['pyrage_durable_vs_age_mb_s']:.2f}"),
         *uplink_bench.rows(uplink),
         *tap_bench.rows(tap),
+        *receiver_bench.rows(receiver),
     ]
     print()
     print(table(rows))

@@ -24,7 +24,7 @@ class Limits:
     min_body_rate_bps: int = 2048  # bytes/s a body must average over each window...
     body_rate_window_s: float = 10.0  # ...of this length, or it is cut (408 too_slow)
     max_connections: int = 1000  # upload listener, every state
-    max_handshakes_per_ip: int = 64  # connections of one address not yet through TLS
+    max_handshakes_per_ip: int = 16  # connections of one address not yet through TLS
     max_connections_per_cert: int = 8  # a box uses two; retries and overlap need a few more
     max_uploads_per_device: int = 2  # concurrent payload uploads of one device (then 429)
     max_request_line: int = 2048  # bytes of "PUT /path HTTP/1.1" (aiohttp: 400)
