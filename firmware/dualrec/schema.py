@@ -15,7 +15,15 @@ import binascii
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 FORMAT_VERSION = 1
 MAX_SEQ = 9_999_999_999  # ten decimal digits in a file name
@@ -76,6 +84,22 @@ def check_clock_source(value: str) -> str:
     return value
 
 
+def _sig(value: str) -> str:
+    if len(canonical_b64decode(value, "sig")) != 64:
+        raise ValueError("sig is not 64 bytes")
+    return value
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    return AfterValidator(lambda v: _full(pattern, v, what))
+
+
+DeviceId = Annotated[str, _matching(_DEVICE, "a device id")]
+Hex64 = Annotated[str, _matching(_HEX64, "64 lowercase hex digits")]
+ClockSource = Annotated[str, AfterValidator(check_clock_source)]
+Signature = Annotated[str, AfterValidator(_sig)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
@@ -86,14 +110,9 @@ class Instant(_Strict):
 
 
 class ClockQuality(_Strict):
-    source: str
+    source: ClockSource
     synced: bool
     est_error_ns: ERROR_NS
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        return check_clock_source(v)
 
 
 class Video(_Strict):
@@ -163,17 +182,12 @@ class Streams(_Strict):
 
 class PayloadRef(_Strict):
     size: Annotated[int, Field(ge=1, le=2**63 - 1)]
-    sha256: str
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str) -> str:
-        return _full(_HEX64, v, "64 lowercase hex digits")
+    sha256: Hex64
 
 
 class Header(_Strict):
     format: Annotated[int, Field(ge=1, le=1)]  # an int: Literal[1] would take true
-    device: str
+    device: DeviceId
     boot_id: str
     firmware: str
     seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
@@ -186,13 +200,8 @@ class Header(_Strict):
     clock: ClockQuality
     streams: Streams
     payload: PayloadRef
-    prev: str
-    sig: str | None = None  # absent only in the fields the sealer is about to sign
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return _full(_DEVICE, v, "a device id")
+    prev: Hex64
+    sig: Signature | None = None  # absent only in the fields the sealer is about to sign
 
     @field_validator("boot_id")
     @classmethod
@@ -209,17 +218,6 @@ class Header(_Strict):
     def _session(cls, v: str) -> str:
         return v if v == "" else _full(_SESSION, v, "a session id (YYYYMMDDTHHMMSSZ-xxxxxx)")
 
-    @field_validator("prev")
-    @classmethod
-    def _prev(cls, v: str) -> str:
-        return _full(_HEX64, v, "64 lowercase hex digits")
-
-    @field_validator("sig")
-    @classmethod
-    def _sig(cls, v: str | None) -> str | None:
-        if v is not None and len(canonical_b64decode(v, "sig")) != 64:
-            raise ValueError("sig is not 64 bytes")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Header:
@@ -251,17 +249,9 @@ class Header(_Strict):
         return self
 
 
-class Anchor(_Strict):
+class Anchor(ClockQuality):
     mono_ns: U63
     utc_ns: U63
-    source: str
-    synced: bool
-    est_error_ns: ERROR_NS
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        return check_clock_source(v)
 
 
 class ClockJson(_Strict):
@@ -310,31 +300,14 @@ class LineRecord(_Strict):
 
 class Receipt(_Strict):
     format: Annotated[int, Field(ge=1, le=1)]  # an int: Literal[1] would take true
-    device: str
+    device: DeviceId
     seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
-    header_sha256: str
-    payload_sha256: str
+    header_sha256: Hex64
+    payload_sha256: Hex64
     payload_size: Annotated[int, Field(ge=1, le=2**63 - 1)]
     received_utc_ns: U63
     receiver: Annotated[str, Field(min_length=1, max_length=256)]
-    sig: str
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return _full(_DEVICE, v, "a device id")
-
-    @field_validator("header_sha256", "payload_sha256")
-    @classmethod
-    def _hex(cls, v: str) -> str:
-        return _full(_HEX64, v, "64 lowercase hex digits")
-
-    @field_validator("sig")
-    @classmethod
-    def _sig(cls, v: str) -> str:
-        if len(canonical_b64decode(v, "sig")) != 64:
-            raise ValueError("sig is not 64 bytes")
-        return v
+    sig: Signature
 
 
 def _message(exc: ValidationError) -> str:
