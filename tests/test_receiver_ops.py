@@ -71,6 +71,8 @@ def test_metrics_per_device(receiver, world: World) -> None:
     assert _value(m, "dualrec_device_cert_expiry_timestamp_seconds", DEV) > time.time()
     assert any(s.labels == {"device": DEV, "kind": "fork"} for s in m["dualrec_device_problems"])
     assert "dualrec_receiver_connections" in m and "dualrec_receiver_tls_refused" in m
+    assert any(s.labels == {"reason": "fork"} and s.value == 1
+               for s in m["dualrec_receiver_refusals"])
     for samples in m.values():  # device ids, reasons and kinds only: no customer data
         for s in samples:
             assert set(s.labels) <= {"device", "kind", "reason", "version"}, s

@@ -64,6 +64,7 @@ class GuardStats:
     tls_refused: Counter[str] = field(default_factory=Counter)  # by reason
     conn_refused: Counter[str] = field(default_factory=Counter)  # total, per_ip, per_cert
     cut: Counter[str] = field(default_factory=Counter)  # idle, slow_header, evicted
+    refused: Counter[str] = field(default_factory=Counter)  # HTTP refusals by error word
     accepted: int = 0
     authenticated: int = 0
 

@@ -110,7 +110,9 @@ def _guard_metrics(guard: Guard) -> Iterator[GaugeMetricFamily | CounterMetricFa
             ("dualrec_receiver_connections_refused", "Connections refused at a cap, by cap",
              st.conn_refused),
             ("dualrec_receiver_connections_cut", "Connections closed by a limit, by reason",
-             st.cut)):
+             st.cut),
+            ("dualrec_receiver_refusals", "HTTP refusals on the upload API, by error word",
+             st.refused)):
         c = CounterMetricFamily(name, doc, labels=["reason"])
         for reason, n in sorted(counts.items()):
             c.add_metric([reason], n)

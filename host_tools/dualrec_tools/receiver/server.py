@@ -36,7 +36,7 @@ from dualrec_tools.pki import device_id_of
 from dualrec_tools.receiver import safejson
 from dualrec_tools.receiver.alerts import AlertConfig
 from dualrec_tools.receiver.bodies import RateCheck, TooLarge, TooSlow, read_body
-from dualrec_tools.receiver.guard import Guard, GuardedSite
+from dualrec_tools.receiver.guard import Guard, GuardedSite, GuardStats
 from dualrec_tools.receiver.limits import Limits, check_nofile
 from dualrec_tools.receiver.ratelog import RateLimitedLog, RateLimitFilter
 from dualrec_tools.receiver.retention import RetentionPolicy
@@ -83,6 +83,7 @@ MAX_PAYLOAD = web.AppKey("max_payload", int)
 LIMITS = web.AppKey("limits", Limits)
 EVENTS = web.AppKey("events", RateLimitedLog)
 UPLOADS = web.AppKey("uploads", Counter)  # device -> payload uploads in progress
+GUARD_STATS = web.AppKey("guard_stats", GuardStats)
 PAYLOAD_POOL = web.AppKey("payload_pool", concurrent.futures.ThreadPoolExecutor)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,6 +106,8 @@ def refuse(request: web.Request, device: str, seq: object, error: str, detail: s
     """The JSON refusal, logged once per (word, device) and interval, then counted. A name
     that is not a device id is never written to the log (7 KB names were a flood)."""
     code = code or STATUS[error]
+    if (stats := request.app.get(GUARD_STATS)) is not None:
+        stats.refused[error] += 1
     shown = device if DEVICE_ID.match(device) or device == "-" else "(invalid)"
     request.app[EVENTS].log(logging.WARNING, f"{error}:{shown}",
                             "refused device=%s seq=%.24s code=%d error=%s: %.300s", shown, seq,
@@ -313,21 +316,26 @@ async def _store_payload(request: web.Request, device: str, seq: int,
     if outcome.kind == "stored":
         log.debug("payload stored device=%s seq=%d", device, seq)
     response = _answer(request, device, seq, outcome)
-    if not await _drain(request.content, limit):
+    if not await _drain(request.content, limit, request.app[LIMITS]):
         response.force_close()
     return response
 
 
-async def _drain(content: StreamReader, limit: int) -> bool:
+async def _drain(content: StreamReader, limit: int, limits: Limits) -> bool:
     """Read and drop what the store did not need (a repeat of a stored payload, or one refused
     before its end), up to limit bytes; True if the body was read to its end.
 
     An HTTP/1.1 client without 100-continue (httpx) reads the answer only after sending its
     whole body. Left to aiohttp, an unread body is drained for 10 s and the connection then
-    reset: a retry of a large payload over a slow link would never see its receipt."""
+    reset: a retry of a large payload over a slow link would never see its receipt. The same
+    minimum rate as for any body: a trickle here would hold the connection for ever."""
     total = 0
+    check = RateCheck(limits)
     while total <= limit:
-        chunk = await content.readany()
+        try:
+            chunk = await check.next(content)
+        except TooSlow:
+            return False
         if not chunk:
             return True
         total += len(chunk)
@@ -410,6 +418,8 @@ def make_app(store: ReceiverStore, max_payload: int = DEFAULT_MAX_PAYLOAD,
     app[LIMITS] = limits
     app[EVENTS] = events or RateLimitedLog(log, limits.log_interval_s)
     app[UPLOADS] = Counter()
+    if guard is not None:
+        app[GUARD_STATS] = guard.stats
     app[PAYLOAD_POOL] = concurrent.futures.ThreadPoolExecutor(PAYLOAD_WORKERS, "payload")
 
     async def stop_pool(app: web.Application) -> None:
