@@ -227,3 +227,30 @@ def test_a_cut_at_the_segment_start_still_gives_it_a_span() -> None:
     seg.cut(5 * S, "session_end", final=True)
     seg.flush()
     assert out[0].start_ns == 5 * S and out[0].end_ns == 5 * S + 1
+
+
+def test_labels_and_an_incomplete_session_on_record_and_on_the_panel() -> None:
+    """Tried: a transaction whose business type requires a step that never comes. Asserted:
+    its labels and completeness are events of the session, and the panel is told what is
+    missing at the end line (before the post-roll ends), then cleared by the next session."""
+    from dualrec.transactions import TransactionRules
+
+    shown: list[list[str] | None] = []
+    rules = TransactionRules.build([r"TXN=(?P<txn>\d+) TYPE=(?P<business>\w+)"],
+                                   {"loan": {"disclosure": "DISCLOSED"}})
+    rig = Rig(rules=rules, on_incomplete=shown.append)
+    rig.lines = [(1 * S, "BEGIN TXN=7 TYPE=loan"), (2 * S, "STEP"), (3 * S, "END"),
+                 (8 * S, "BEGIN TXN=8 TYPE=loan"), (9 * S, "DISCLOSED"), (10 * S, "END")]
+    rig.run_until(int(3.2 * S))
+    assert shown[-1] == ["disclosure"]  # at the end line, the post-roll still running
+    rig.run_until(14 * S)
+    events = {}
+    for seg in rig.out:
+        for e in seg.events:
+            events.setdefault(seg.session, []).append((e.kind, e.detail))
+    first, second = list(events.values())
+    assert ("session_labels", {"txn": "7", "business": "loan"}) in first
+    assert ("session_completeness", {"business": "loan", "required": ["disclosure"],
+                                     "missing": ["disclosure"], "complete": False}) in first
+    assert any(k == "session_completeness" and d["complete"] for k, d in second)
+    assert shown[-1] is None
