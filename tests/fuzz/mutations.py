@@ -224,7 +224,7 @@ def hdr_extend(m: Mutator) -> str:
     path = m.hp(m.seq())
     data = m.read(path)
     extra = m.rng.choice([b"\n", b" ", b"\x00", b"\r\n", b"}", b"{}", data,
-                          m.rng.randbytes(m.rng.randrange(1, 24))])
+                          m.rng.randbytes(m.rng.randrange(1, 24)), b" " * 70_000])
     if m.rng.random() < 0.25:
         pre = m.rng.choice([b"\xef\xbb\xbf", b" ", b"\n"])
         m.write(path, pre + data)
