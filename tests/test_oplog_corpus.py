@@ -96,13 +96,22 @@ def hung_up(fd: int) -> bool:
     return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
-def wait_attached(fd: int, timeout_s: float) -> bool:
+def wait_attached(fd: int, timeout_s: float, alive=lambda: True) -> bool:
+    """Wait until a reader opens the pty (False: not within timeout_s, or alive() said no)."""
     deadline = time.monotonic() + timeout_s
     while hung_up(fd):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or not alive():
             return False
         time.sleep(0.02)
     return True
+
+
+def expect_reader(fd: int, counter: Counter, gateway, what: str) -> None:
+    """The gateway opens its port (within 60 s); if it exits first, say why (its log)."""
+    if wait_attached(fd, 60, lambda: gateway.poll() is None):
+        return
+    log = (counter.workdir / "gateway.log").read_text(errors="replace")[-1500:]
+    raise AssertionError(f"the gateway never opened {what} (exit {gateway.poll()}): {log}")
 
 
 class TerminalLine:
@@ -229,7 +238,7 @@ def record_serial(tmp_path: Path, corpus: Corpus, bytes_per_s: int | None = BYTE
     os.symlink(line.path, counter.link)
     try:
         gateway = counter.start_gateway()
-        assert wait_attached(line.master, 60), "the gateway never opened the terminal's line"
+        expect_reader(line.master, counter, gateway, "the terminal's line")
         time.sleep(SETTLE_S)
         line.play(corpus.script, bytes_per_s)
         wait_sealed(counter, len(corpus.sessions))
@@ -796,7 +805,7 @@ def test_corpus_through_the_pico_tap_on_micropython(tmp_path):
                               "DUALREC_TAP_STATE": str(tmp_path)})
     try:
         gateway = counter.start_gateway()
-        assert wait_attached(box.master, 60), "the gateway never opened the tap's port"
+        expect_reader(box.master, counter, gateway, "the tap's port")
         time.sleep(SETTLE_S)
         tap.start()
         assert wait_attached(uart0.master, 20), "the tap never opened its UART"
