@@ -200,3 +200,59 @@ def test_retention_holds_log_and_verify(receiver, world: World, sessions) -> Non
         read_log(log_path, world.receipt_key.public_key())
     log_path.write_bytes(b"".join(lines))
     assert (log_path.stat().st_mode & 0o077) == 0
+
+
+def test_webhook_retries_are_bounded(tmp_path: Path) -> None:
+    import asyncio
+
+    from dualrec_tools.receiver.alerts import Alerter, evaluate, is_open
+    from dualrec_tools.receiver.ratelog import RateLimitedLog
+    from dualrec_tools.receiver.storage import DeviceFigures
+
+    fig = DeviceFigures("box-1", True, 1, 1, 0, 10, 0, 0, 0, {}, 0, None, 0, False, -1, "0.1")
+    cfg = AlertConfig("http://127.0.0.1:9/", backoff_s=0.01)
+    monday_noon, sunday_noon = 1796644800.0, 1796558400.0  # 2026-12-07 and 12-06, 12:00 UTC
+    assert is_open(monday_noon, cfg.opening_hours) and not is_open(sunday_noon,
+                                                                   cfg.opening_hours)
+    from dualrec_tools.receiver.alerts import _ForkMemory
+
+    assert set(evaluate([fig], monday_noon, cfg, _ForkMemory())) == {
+        ("DualrecBoxSilent", "box-1"), ("DualrecClockUnsynced", "box-1")}
+    assert set(evaluate([fig], sunday_noon, cfg, _ForkMemory())) == {
+        ("DualrecClockUnsynced", "box-1")}
+
+    class Store:
+        receiver_id = "branch"
+
+        def figures(self) -> list[DeviceFigures]:
+            return [fig]
+
+    calls: list[dict] = []
+
+    async def refuse_all(body: dict) -> bool:
+        calls.append(body)
+        return False
+
+    import logging
+
+    alerter = Alerter(Store(), cfg, RateLimitedLog(logging.getLogger("t")),  # type: ignore[arg-type]
+                      clock=lambda: monday_noon)
+    asyncio.run(alerter.step(refuse_all))
+    assert len(calls) == 2 * cfg.retries and alerter.failed == 2 and alerter.sent == 0
+    asyncio.run(alerter.step(refuse_all))  # no transition: nothing sent again
+    assert len(calls) == 2 * cfg.retries
+
+
+def test_serve_refuses_to_start_past_the_open_files_limit(tmp_path: Path, world: World) -> None:
+    import resource
+    import sys
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    r = subprocess.run([sys.executable, "-m", "dualrec_tools.receiver.cli", "serve", "--data",
+                        str(tmp_path / "d"), "--keys", str(world.keys), "--listen",
+                        "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--limit",
+                        f"max_connections={hard + 1}"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "LISTENING" not in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: open-files limit too low")
+    assert "Traceback" not in r.stderr
