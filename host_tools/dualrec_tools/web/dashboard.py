@@ -1,0 +1,110 @@
+"""The dashboard's figures per box: the storage interface's figures(), an upload rate from the
+index, and the box's current faults read from its newest idle segments' events (the receiver
+cannot decrypt them; this service holds the identity). Faults during a session are on that
+session's timeline, not here. Spool use is not reported by a box to the receiver, so the page
+says so rather than guessing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+from dualrec.schema import EventRecord
+from dualrec.segment_format import parse_header, payload_name
+from dualrec.shield import shield
+from dualrec_tools.export import decrypt_payload, jsonl
+from dualrec_tools.web.archive import Archive
+
+NS = 1_000_000_000
+FAULT_SCAN = 200  # newest idle fault segments read per box
+_FAULT_REASONS = ("fault", "fault_cleared")
+
+
+def _local(ns: int | None, tz: tzinfo) -> str:
+    if ns is None:
+        return "never"
+    return datetime.fromtimestamp(ns / NS, UTC).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+class Faults:
+    """Current faults per box from fault/fault_cleared idle segments, each decrypted once."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self._events: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def _segment_events(self, device: str, seq: int, sha: str) -> list[dict[str, Any]]:
+        key = (device, seq, sha)
+        with self._lock:
+            if key in self._events:
+                return self._events[key]
+        try:
+            data = (self.archive.device_dir(device) / payload_name(seq)).read_bytes()
+            members = decrypt_payload(data, self.archive.identities)
+            events = [e for e in jsonl(members.get("events.jsonl", b""), EventRecord)
+                      if e.get("kind") in _FAULT_REASONS]
+        except Exception:  # unreadable: the chain's verdict reports it; no fault guessed
+            events = []
+        with self._lock:
+            self._events[key] = events
+        return events
+
+    def current(self, device: str) -> list[str]:
+        rows = self.archive.store.rows(
+            "SELECT seq, header_sha256, header FROM segments WHERE device=? AND session='' AND "
+            "payload_stored=1 AND deleted_at IS NULL ORDER BY seq DESC LIMIT ?",
+            device, FAULT_SCAN)
+        active: dict[tuple[str, str], str] = {}
+        for r in reversed(rows):
+            try:
+                reason = parse_header(bytes(r["header"]))["reason"]
+            except Exception:
+                continue
+            if reason not in _FAULT_REASONS:
+                continue
+            for e in self._segment_events(device, r["seq"], r["header_sha256"]):
+                d = e.get("detail") or {}
+                part = (str(d.get("device", "?")), str(d.get("part", "")))
+                if e["kind"] == "fault":
+                    active[part] = str(d.get("reason", ""))
+                else:
+                    active.pop(part, None)
+        return [shield(f"{dev}{'/' + part if part else ''}: {why}")
+                for (dev, part), why in sorted(active.items())]
+
+
+def rows(archive: Archive, faults: Faults, alert_after_s: float, tz: tzinfo) -> list[dict]:
+    now = time.time_ns()
+    out = []
+    for f in archive.store.figures():
+        silent_s = None if f.last_contact_ns is None else max(0, now - f.last_contact_ns) / NS
+        cert_days = None if f.cert_not_after_ns is None else \
+            (f.cert_not_after_ns - now) / NS / 86400
+        status = archive.store.status(f.device)
+        out.append({
+            "device": f.device, "counter": archive.counters.get(f.device),
+            "last_contact": _local(f.last_contact_ns, tz),
+            "silent_s": None if silent_s is None else round(silent_s, 1),
+            "silent": silent_s is None or silent_s > alert_after_s,
+            "backlog": f.backlog, "headers": f.headers, "payloads": f.payloads,
+            "upload_rate_bps": round(archive.upload_rate(f.device)),
+            "clock": "no header yet" if f.clock_synced is None else
+            ("synced" if f.clock_synced else "NOT synced"),
+            "clock_error_ms": None if f.clock_error_ns in (None, -1) else
+            round(f.clock_error_ns / 1e6, 3),
+            "spool": "not reported",
+            "faults": faults.current(f.device),
+            "gaps": [f"{a}..{b}" if a != b else str(a) for a, b in status["gaps"]],
+            "missing": f.missing, "forks": f.forks,
+            "problems": {k: v for k, v in f.problems.items()},
+            "firmware": f.firmware or "unknown",
+            "cert_expiry": "unknown" if f.cert_not_after_ns is None else
+            _local(f.cert_not_after_ns, tz),
+            "cert_days": None if cert_days is None else round(cert_days, 1),
+            "deleted": f.deleted,
+        })
+    return out

@@ -1,0 +1,115 @@
+"""The player's file: a session's segments remuxed (export.mux_session) and transcoded by
+Debian's ffmpeg to WebM (VP8 + Opus, which every Chromium plays; H.264 + PCM in MP4 does not),
+with the viewer's name and the time of viewing burned into the picture by ffmpeg's drawtext.
+
+Why Debian's ffmpeg and not PyAV: PyAV's wheel carries an ffmpeg built without libfreetype, so
+it has no drawtext; the distribution's ffmpeg (already a dependency) has it. Burned in, the
+watermark is in every frame a screen recording captures and cannot be hidden with dev tools.
+
+Files are cached per (device, session, viewer) under the service's cache directory, 0600 in a
+0700 directory: they are decrypted evidence. A cached file is reused for at most max_age
+seconds, so the burned-in time is never older than that; the page shows the live time beside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dualrec_tools.export import mux_session
+
+FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")  # Debian: fonts-dejavu-core
+FFMPEG_TIMEOUT_S = 600
+
+
+class MediaError(RuntimeError):
+    """The session's media cannot be made playable."""
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def watermark_text(viewer: str, when_ns: int) -> str:
+    when = datetime.fromtimestamp(when_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{viewer}  {when}"
+
+
+def _drawtext(textfile: Path, height: int) -> str:
+    size = max(10, height // 22)
+    common = (f"textfile='{textfile}':fontfile='{FONT}':fontsize={size}:fontcolor=white@0.75"
+              ":box=1:boxcolor=black@0.35:boxborderw=3")
+    # Twice (top left and bottom right), so cropping one corner does not remove it.
+    return (f"drawtext={common}:x=6:y=6,"
+            f"drawtext={common}:x=w-tw-6:y=h-th-6")
+
+
+class MediaCache:
+    def __init__(self, cache_dir: Path, max_age_s: float = 900.0) -> None:
+        self.dir = _private_dir(cache_dir)
+        self.max_age_s = max_age_s
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def path(self, device: str, session: str, viewer: str) -> Path:
+        who = hashlib.sha256(viewer.encode()).hexdigest()[:16]  # no name in a file name
+        return self.dir / f"{device}.{session}.{who}.webm"
+
+    def fresh(self, path: Path) -> bool:
+        try:
+            return time.time() - path.stat().st_mtime < self.max_age_s
+        except FileNotFoundError:
+            return False
+
+    def get(self, device: str, session: str, viewer: str,
+            media: list[tuple[int, bytes]], height: int) -> Path:
+        """The watermarked WebM, made now unless a fresh one is cached."""
+        out = self.path(device, session, viewer)
+        with self._guard:
+            lock = self._locks.setdefault(out.name, threading.Lock())
+        with lock:
+            if self.fresh(out):
+                return out
+            if not media:
+                raise MediaError("the session has no media")
+            self._make(out, media, watermark_text(viewer, time.time_ns()), height)
+            return out
+
+    def _make(self, out: Path, media: list[tuple[int, bytes]], text: str, height: int) -> None:
+        with tempfile.TemporaryDirectory(dir=self.dir, prefix=".work-") as work:
+            w = Path(work)
+            mkv, textfile = w / "in.mkv", w / "watermark.txt"
+            fd = os.open(mkv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                mux_session(media, b"", f)
+            textfile.write_text(text)
+            tmp = w / "out.webm"
+            # -copyts and no shifting: the file's times stay the session's media times (an Opus
+            # encoder delay would otherwise move everything by ~7 ms), so a log line's stamp is
+            # the player's currentTime.
+            cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-copyts",
+                   "-i", str(mkv), "-avoid_negative_ts", "disabled",
+                   "-vf", _drawtext(textfile, height),
+                   # keyframe every second: seeking to a log line decodes at most a second
+                   "-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "1500k",
+                   "-crf", "10", "-force_key_frames", "expr:gte(t,n_forced*1)",
+                   "-auto-alt-ref", "0",
+                   "-c:a", "libopus", "-b:a", "64k", "-f", "webm", str(tmp)]
+            try:
+                run = subprocess.run(cmd, capture_output=True, timeout=FFMPEG_TIMEOUT_S,
+                                     check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise MediaError(f"ffmpeg: {exc}") from None
+            if run.returncode != 0:
+                raise MediaError("ffmpeg failed: "
+                                 + run.stderr.decode(errors="replace")[-300:].strip())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, out)

@@ -1,0 +1,113 @@
+// dualrec web pages: the dashboard's refresh, and the review player's log sync and timeline.
+"use strict";
+
+function cell(tr, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  tr.appendChild(td);
+}
+
+function rate(bps) {
+  if (bps >= 1e6) return (bps / 1e6).toFixed(1) + " MB/s";
+  if (bps >= 1e3) return (bps / 1e3).toFixed(1) + " kB/s";
+  return bps + " B/s";
+}
+
+async function refreshDevices(table) {
+  let data;
+  try {
+    const r = await fetch("/api/devices", {credentials: "same-origin"});
+    if (r.status === 401) { location.href = "/login"; return; }
+    data = await r.json();
+  } catch (e) { document.getElementById("updated").textContent = "update failed"; return; }
+  const body = table.querySelector("tbody");
+  body.replaceChildren();
+  for (const d of data.devices) {
+    const tr = document.createElement("tr");
+    tr.id = "dev-" + d.device;
+    tr.className = d.silent ? "silent" : "alive";
+    tr.dataset.silent = d.silent ? "1" : "0";
+    cell(tr, d.device + (d.counter ? " (" + d.counter + ")" : ""));
+    cell(tr, d.last_contact + (d.silent_s === null ? "" : " (" + Math.round(d.silent_s) + " s ago)")
+         + (d.silent ? " SILENT" : ""), "contact");
+    cell(tr, d.backlog + " of " + d.headers);
+    cell(tr, rate(d.upload_rate_bps));
+    cell(tr, d.clock + (d.clock_error_ms === null ? "" : " ±" + d.clock_error_ms + " ms"));
+    cell(tr, d.spool);
+    cell(tr, d.faults.length ? d.faults.join("; ") : "none");
+    cell(tr, d.gaps.length ? d.gaps.join(", ") : "none");
+    const probs = Object.entries(d.problems).map(([k, v]) => k + " ×" + v).join(", ");
+    cell(tr, d.forks + " forks" + (probs ? "; " + probs : ""));
+    cell(tr, d.firmware);
+    cell(tr, d.cert_expiry + (d.cert_days === null ? "" : " (" + Math.floor(d.cert_days) + " days)"),
+         d.cert_days !== null && d.cert_days < 30 ? "bad" : "");
+    body.appendChild(tr);
+  }
+  document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+}
+
+function setupDashboard() {
+  const table = document.getElementById("devices");
+  if (!table) return;
+  refreshDevices(table);
+  setInterval(() => refreshDevices(table), Number(table.dataset.refreshMs) || 5000);
+}
+
+function setupPlayer() {
+  const video = document.getElementById("video");
+  const log = document.getElementById("log");
+  if (!log) return;
+  const lines = Array.from(log.querySelectorAll("li"));
+  const times = lines.map(li => Number(li.dataset.t));
+  let current = -1;
+  const highlight = t => {
+    // the last line at or before t (lines are in time order)
+    let lo = 0, hi = times.length - 1, found = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (times[mid] <= t + 1e-6) { found = mid; lo = mid + 1; } else hi = mid - 1;
+    }
+    if (found === current) return;
+    if (current >= 0) lines[current].classList.remove("current");
+    current = found;
+    if (found >= 0) {
+      lines[found].classList.add("current");
+      lines[found].scrollIntoView({block: "nearest"});
+    }
+    log.dataset.current = String(found);
+  };
+  lines.forEach((li, i) => li.addEventListener("click", () => {
+    if (!video) return;
+    video.currentTime = Math.max(0, times[i]);
+    highlight(times[i]);
+  }));
+  if (!video) return;
+  const timeline = document.getElementById("timeline");
+  const playhead = document.getElementById("playhead");
+  const place = () => {
+    const d = video.duration;
+    if (!isFinite(d) || d <= 0) return;
+    for (const m of timeline.querySelectorAll(".mark")) {
+      m.style.left = (100 * Math.min(Math.max(Number(m.dataset.t) / d, 0), 1)) + "%";
+      m.addEventListener("click", () => { video.currentTime = Math.max(0, Number(m.dataset.t)); });
+    }
+  };
+  video.addEventListener("loadedmetadata", place);
+  if (video.readyState >= 1) place();
+  // every frame rather than on timeupdate (4 Hz): the highlight keeps up with the picture
+  const tick = () => {
+    highlight(video.currentTime);
+    if (isFinite(video.duration) && video.duration > 0)
+      playhead.style.left = (100 * video.currentTime / video.duration) + "%";
+    requestAnimationFrame(tick);
+  };
+  requestAnimationFrame(tick);
+  // the page's own watermark beside the burned-in one: the viewer and the live time
+  const overlay = document.getElementById("overlay");
+  const stamp = () => { overlay.textContent = overlay.dataset.viewer + " " + new Date().toISOString().slice(0, 19).replace("T", " ") + " UTC"; };
+  stamp();
+  setInterval(stamp, 1000);
+}
+
+document.addEventListener("DOMContentLoaded", () => { setupDashboard(); setupPlayer(); });
