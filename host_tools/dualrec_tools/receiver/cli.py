@@ -16,7 +16,7 @@ import click
 from dualrec_tools.receiver.alerts import AlertConfig
 from dualrec_tools.receiver.limits import LimitError, Limits
 from dualrec_tools.receiver.retention import RetentionPolicy
-from dualrec_tools.receiver.server import ReceiverConfig, serve
+from dualrec_tools.receiver.runtime import ReceiverConfig, serve
 from dualrec_tools.receiver.store import EnrollError, ReceiverStore
 from dualrec_tools.verify import KeyFileError, load_device_key
 

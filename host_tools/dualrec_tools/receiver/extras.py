@@ -17,7 +17,7 @@ from dualrec_tools.receiver.ratelog import RateLimitedLog
 from dualrec_tools.receiver.storage import Storage
 
 if TYPE_CHECKING:
-    from dualrec_tools.receiver.server import ReceiverConfig
+    from dualrec_tools.receiver.runtime import ReceiverConfig
 
 METRICS = web.AppKey("metrics_source", tuple)
 
