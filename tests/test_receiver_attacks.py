@@ -343,3 +343,18 @@ def test_open_files_limit_checked_at_start(monkeypatch) -> None:
         check_nofile(Limits(max_connections=hard + 10))
     assert check_nofile(Limits(max_connections=100)) >= 356
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+
+
+def test_open_files_soft_limit_raised_when_the_hard_one_allows() -> None:
+    import subprocess
+    import sys
+
+    code = ("import resource\n"
+            "from dualrec_tools.receiver.limits import Limits, check_nofile\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))\n"
+            "check_nofile(Limits())\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == Limits().fds_needed() == 1256
