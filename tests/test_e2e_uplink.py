@@ -12,7 +12,7 @@ import pytest
 
 from dualrec.config import load_board, load_site
 from dualrec.gateway import Gateway
-from dualrec.segment_format import parse_header, scan_dir
+from dualrec.segment_format import parse_header, parse_name, scan_dir
 from dualrec_tools.simcounter import Counter, receiver_status
 from helpers import small_board, wait_for
 
@@ -117,7 +117,8 @@ def test_spool_quota_stops_new_sessions_and_resumes(tmp_path, key_files):
         time.sleep(8)  # ~1.1 MiB of audio and video: over the quota
         panel.press_button()
         wait_for(lambda: panel.fault_pattern == "spool_full", 15, "the spool_full fault")
-        held = {p.name: p.read_bytes() for p in spool.iterdir() if p.is_file()}
+        # committed segment files only: a seal may be writing its .tmp file right now
+        held = {p.name: p.read_bytes() for p in spool.iterdir() if parse_name(p.name)}
         panel.press_button()  # refused: the spool is full
         wait_for(lambda: any(h["reason"] == "session_refused" for h in headers()), 10,
                  "the refusal on record")
