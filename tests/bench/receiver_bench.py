@@ -352,7 +352,7 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ]
     a = result["attacked"]
     m = a["metrics"]
-    refused = {k: int(v) for k, v in m.items() if "refused" in k or "cut" in k}
+    refused = {k: int(v) for k, v in m.items() if "refus" in k or "cut" in k}
     out.append(("receiver, attacked: attacker", f"{a['attacker_idle_opened']} idle connections "
                 f"opened (up to {a['attacker_idle_held_max']} held), "
                 f"{a['attacker_slow_opened']} slow uploads started"))
