@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from dualrec.samples import Event
+from dualrec.segment import Segment
 from dualrec.segment_format import header_hash, header_name, payload_name
 from dualrec_tools.pki import cert_pem, issue, make_ca
 from dualrec_tools.receiver.store import ReceiverStore
@@ -25,6 +26,7 @@ NS = 1_000_000_000
 SILENT_BOX = "box-0002"
 PASSWORD = "correct horse battery"
 LABELS_A = {"txn": "T1001", "teller": "T07", "business": "open_account"}
+FAULT_CARD = "6217008792174210"  # passes Luhn: numbers.find takes it for a card
 LABELS_B = {"txn": "T1002", "teller": "T09", "business": "deposit"}
 
 
@@ -66,6 +68,12 @@ def build(base: Path) -> World:
         sealer.seal(_labelled(a, i, ORIGIN_A, CLAPS_A, 2, i == 2, LABELS_A, True))
     for i in range(2):
         sealer.seal(_labelled(b, i, ORIGIN_B, (), 1, i == 1, LABELS_B, False))
+    # a camera fault while idle, sealed at once in an idle segment (the dashboard's faults);
+    # its reason quotes a customer number, which no page may show
+    t = ORIGIN_B + 3 * NS
+    idle = Segment("", 0, t, t, end_ns=t + NS // 10, reason="fault", final=True)
+    idle.events = [Event(t, "fault", {"device": "camera", "reason": f"no frames {FAULT_CARD}"})]
+    sealer.seal(idle)
 
     data = base / "receiver"
     store = ReceiverStore(data, receipt_key=Ed25519PrivateKey.generate())
@@ -100,36 +108,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(world: World, alert_after: float, refresh: float) -> None:
+def spawn(world: World, *extra: str, log_name: str = "web") -> tuple[subprocess.Popen[bytes],
+                                                                    int]:
+    """A `dualrec-web serve` on a free loopback port, once it listens."""
     port = free_port()
-    world.log_file = world.base / "web.log"
-    world.proc = subprocess.Popen(
+    stderr = world.base / f"{log_name}.stderr"
+    proc = subprocess.Popen(
         [sys.executable, "-m", "dualrec_tools.web.cli", "serve", "--data", str(world.data),
          "--state", str(world.state), "--identity", str(world.identity),
-         "--listen", f"127.0.0.1:{port}", "--tz", "Asia/Shanghai",
-         "--alert-after", str(alert_after), "--refresh", str(refresh),
-         "--counter", f"{DEVICE}=Counter 1", "--log-file", str(world.log_file)],
-        stdout=subprocess.DEVNULL, stderr=(world.base / "web.stderr").open("wb"))
-    world.url = f"http://127.0.0.1:{port}"
+         "--listen", f"127.0.0.1:{port}", "--log-file", str(world.base / f"{log_name}.log"),
+         *extra], stdout=subprocess.DEVNULL, stderr=stderr.open("wb"))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if world.proc.poll() is not None:
-            raise AssertionError("dualrec-web exited: "
-                                 + (world.base / "web.stderr").read_text()[-2000:])
+        if proc.poll() is not None:
+            raise AssertionError("dualrec-web exited: " + stderr.read_text()[-2000:])
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
+            return proc, port
         except OSError:
             time.sleep(0.1)
+    proc.kill()
     raise AssertionError("dualrec-web did not listen within 20 s")
+
+
+def start(world: World, alert_after: float, refresh: float) -> None:
+    world.proc, port = spawn(world, "--tz", "Asia/Shanghai", "--alert-after", str(alert_after),
+                             "--refresh", str(refresh), "--counter", f"{DEVICE}=Counter 1")
+    world.url = f"http://127.0.0.1:{port}"
+    world.log_file = world.base / "web.log"
+
+
+def end(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def stop(world: World) -> None:
     if world.proc is not None:
-        world.proc.terminate()
-        try:
-            world.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            world.proc.kill()
-            world.proc.wait(5)
+        end(world.proc)
     world.store.close()
