@@ -214,3 +214,17 @@ def test_flash_refuses_a_map_of_another_image(tmp_path: Path) -> None:
         f.write(b"x" * 4096)
     with pytest.raises(FlashError, match="is for an image of"):
         flash(image, tmp_path / "card.img")
+
+
+def test_a_truncated_xz_base_is_refused_and_leaves_no_image(tmp_path: Path, bundle: Path,
+                                                            deb: Path) -> None:
+    """A download cut short: a clear refusal, and no half-made image to flash by mistake."""
+    base = tmp_path / "base.img"
+    base.write_bytes(os.urandom(4 * MIB))
+    xz = tmp_path / "base.img.xz"
+    xz.write_bytes(lzma.compress(base.read_bytes(), preset=0)[: 2 * MIB])
+    out = tmp_path / "box.img"
+    done = CliRunner().invoke(tool, ["image", "--board", "rpi5", "--base", str(xz), "--bundle",
+                                     str(bundle), "--out", str(out), "--deb", str(deb)])
+    assert done.exit_code == 1 and "truncated or corrupt" in done.output, done.output
+    assert not out.exists() and not (tmp_path / "box.img.bmap").exists()

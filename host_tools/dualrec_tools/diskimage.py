@@ -77,16 +77,20 @@ def sparse_copy(src: Path, dest: Path, progress: Callable[[int], None] | None = 
     opener = lzma.open if src.suffix == ".xz" else open
     zero = bytes(CHUNK)
     size = 0
-    with opener(src, "rb") as fin, dest.open("wb") as fout:
-        while chunk := fin.read(CHUNK):
-            if chunk == zero[:len(chunk)]:
-                fout.seek(len(chunk), os.SEEK_CUR)
-            else:
-                fout.write(chunk)
-            size += len(chunk)
-            if progress:
-                progress(len(chunk))
-        fout.truncate(size)  # a trailing hole still counts
+    try:
+        with opener(src, "rb") as fin, dest.open("wb") as fout:
+            while chunk := fin.read(CHUNK):
+                if chunk == zero[:len(chunk)]:
+                    fout.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    fout.write(chunk)
+                size += len(chunk)
+                if progress:
+                    progress(len(chunk))
+            fout.truncate(size)  # a trailing hole still counts
+    except (EOFError, lzma.LZMAError) as exc:
+        # a download cut short ends in EOFError: say so rather than build half an image
+        raise ImageError(f"{src}: truncated or corrupt ({exc}); download it again") from None
     return size
 
 

@@ -150,6 +150,9 @@ def image(board: str, base: Path, bundle: Path, out: Path, deb: Path | None,
                                hostname=hostname, ntp_server=ntp_server,
                                progress=lambda n: bar.advance(task, n))
     except ImageError as exc:
+        # never leave a half-made image that could be flashed by mistake
+        out.unlink(missing_ok=True)
+        out.with_name(out.name + ".bmap").unlink(missing_ok=True)
         raise click.ClickException(str(exc)) from None
     click.echo(f"{result.image}: {result.size / 1e9:.2f} GB, Raspberry Pi OS "
                f"{result.release}, first boot by {result.mechanism}")
