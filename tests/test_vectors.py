@@ -44,10 +44,11 @@ def test_every_vector_gets_its_verdict_and_kinds(vectors: Path) -> None:
 
 def test_vectors_cover_every_finding_kind(vectors: Path) -> None:
     """Each kind FORMAT.md §6.2 lists is produced by at least one vector (unreadable needs a
-    file the verifier may not read, which a root test run cannot make: it is tested apart)."""
+    file the verifier may not read, which a root test run cannot make; deletion_log needs a
+    receiver's log: both are tested apart)."""
     expected = json.loads((vectors / "expected.json").read_text())
     produced = {k for exp in expected.values() for k in exp["kinds"]}
-    assert set(FINDINGS) - produced == {"unreadable"}
+    assert set(FINDINGS) - produced == {"unreadable", "deletion_log"}
 
 
 @pytest.mark.parametrize("name", ["good-content", "content-keyframe", "empty", "dir-named-header"])
@@ -77,3 +78,40 @@ def test_format_lists_every_finding_kind() -> None:
     table = doc.split("### 6.2 Findings")[1].split("\n## ")[0]
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", table, re.M))
     assert documented == set(FINDINGS)
+
+
+def test_a_deletion_log_explains_what_retention_deleted(vectors: Path, tmp_path: Path) -> None:
+    """Tried: session A (seq 0..1) deleted from the intact chain, with and without the
+    receiver's signed deletion-log entry for it, and with the log's line altered. Asserted:
+    unexplained, the missing range fails; explained by a valid log, the chain verifies and the
+    explanation is printed; an altered log is itself a finding."""
+    import shutil
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from dualrec.segment_format import header_hash, header_name, payload_name
+    from dualrec_tools.deletion_log import append_entry
+
+    d = tmp_path / "dev"
+    shutil.copytree(vectors / "cases" / "good", d)
+    hashes = [header_hash((d / header_name(s)).read_bytes()) for s in (0, 1)]
+    for s in (0, 1):
+        (d / header_name(s)).unlink()
+        (d / payload_name(s)).unlink()
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "receipt.pub"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    log = tmp_path / "deletion-log.jsonl"
+    append_entry(log, key, device="vec-0001", first_seq=0, header_sha256=hashes,
+                 session=None, reason="retention: 90 days after the session", utc_ns=1,
+                 receiver="branch")
+    base = ["verify", str(d), "--device-key", str(vectors / "keys" / "device.pub")]
+    bare = CliRunner().invoke(main, base)
+    assert bare.exit_code == 1 and "chain should start at seq 0" in bare.output
+    ok = CliRunner().invoke(main, [*base, "--deletion-log", str(log), "--receipt-key", str(pub)])
+    assert ok.exit_code == 0, ok.output
+    assert "explained:" in ok.output and "deleted by retention" in ok.output
+    log.write_bytes(log.read_bytes().replace(b"retention", b"RETENTION"))
+    bad = CliRunner().invoke(main, [*base, "--deletion-log", str(log), "--receipt-key", str(pub)])
+    assert bad.exit_code == 1 and "deletion-log.jsonl" in bad.output

@@ -30,6 +30,7 @@ from dualrec_tools.verify import (
     DeviceKey,
     DirectoryError,
     KeyFileError,
+    Report,
     load_device_key,
     read_headers,
     sessions_of,
@@ -153,13 +154,19 @@ def _load_keys(paths: Sequence[Path]) -> list[DeviceKey]:
               help="A device public key (PEM); repeat for several.")
 @click.option("--identity", "identity_path", type=EXISTING_FILE, default=None,
               help="The branch's age identity: also check every payload's content.")
+@click.option("--deletion-log", "deletion_log", type=EXISTING_FILE, default=None,
+              help="The receiver's deletion log: missing ranges it explains (retention) are "
+                   "not findings. Needs --receipt-key.")
+@click.option("--receipt-key", "receipt_key", type=EXISTING_FILE, default=None,
+              help="The receiver's receipt public key (PEM), which signs the deletion log.")
 @click.option("--from-seq", type=click.IntRange(min=0), default=0, show_default=True,
               help="The seq the chain must start at (0: also with the genesis prev).")
 @click.option("--partial", is_flag=True,
               help="The directory may start anywhere (a spool after uploads were deleted).")
 @click.option("--strict", is_flag=True, help="Warnings (an unfinished session) fail too.")
 def verify(directory: Path, key_paths: tuple[Path, ...], identity_path: Path | None,
-           from_seq: int, partial: bool, strict: bool) -> None:
+           deletion_log: Path | None, receipt_key: Path | None, from_seq: int, partial: bool,
+           strict: bool) -> None:
     """Check that the segments in DIRECTORY form a complete, untouched chain.
 
     Prints one line per finding and a verdict. Exit status: 0 verified, 1 findings, 2 usage
@@ -177,11 +184,45 @@ def verify(directory: Path, key_paths: tuple[Path, ...], identity_path: Path | N
                             identities=identities)
     except DirectoryError as exc:
         raise UsageFailure(str(exc)) from None
+    if deletion_log is not None:
+        for line in _apply_deletion_log(report, deletion_log, receipt_key):
+            click.echo(line)
     for p in report.problems:
         click.echo(f"warning: {p}" if p.warning else str(p))
     click.echo(report.verdict(strict))
     if not report.passed(strict):
         click.get_current_context().exit(1)
+
+
+def _apply_deletion_log(report: Report, path: Path, receipt_key: Path | None) -> list[str]:
+    """Take the missing ranges the receiver's signed deletion log explains out of the findings
+    (FORMAT.md §6.1); say which. A log that does not verify is itself a finding."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from dualrec_tools.deletion_log import DeletionLogError, explain, read_log
+    from dualrec_tools.verify import finding
+
+    if receipt_key is None:
+        raise UsageFailure("--deletion-log needs --receipt-key (the key that signs it)")
+    try:
+        key = load_pem_public_key(receipt_key.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageFailure(f"{receipt_key}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UsageFailure(f"{receipt_key}: not an Ed25519 public key")
+    try:
+        log = read_log(path, key)
+    except DeletionLogError as exc:
+        report.problems.append(finding("deletion_log", None, f"{path}: {exc}"))
+        return []
+    except OSError as exc:
+        raise UsageFailure(f"{path}: {exc.strerror or exc}") from None
+    out = []
+    for e in explain(report, log):
+        report.problems.remove(e.problem)
+        out.append(f"explained: {e.problem.reason}: {e}")
+    return out
 
 
 @main.command()

@@ -75,6 +75,7 @@ FINDINGS = {
     "session_cut_off": "a session without its final segment, yet later segments follow",
     "session_open": "the newest session has no final segment yet; warning",
     "chain_resumed": "the device lost its chain state and resumed its chain here; warning",
+    "deletion_log": "the deletion log given does not verify (signature, chain or format)",
     "chain_restart": "the device lost its chain state and began a new chain; warning",
     "payload_undecryptable": "the payload does not decrypt with the given identity",
     "content_tar": "the plaintext is not the tar FORMAT.md §5.2 describes",
