@@ -418,8 +418,10 @@ class UplinkSection(_Strict):
     key: Path = Field(description="Its private key.", examples=["tls.key"])
     receipt_key: Path = Field(description="The receiver's Ed25519 receipt key (public, PEM).",
                               examples=["receipt.pub"])
-    bandwidth_bps: Annotated[int, Field(ge=8_000, le=10_000_000_000, description="Upload "
-                                        "bandwidth cap, bits per second.")] = 4_000_000
+    bandwidth_bps: Annotated[int, Field(ge=32_000, le=10_000_000_000, description="Upload "
+                                        "bandwidth cap, bits per second; at least 32 kbit/s, "
+                                        "twice the receiver's slowest accepted body rate.")
+                             ] = 4_000_000
     timeout_s: Annotated[int, Field(ge=1, le=600, description="Timeout of one request, "
                                     "s.")] = 30
     backoff_max_s: Annotated[int, Field(ge=1, le=3600, description="Longest wait between "
