@@ -115,3 +115,15 @@ def test_a_deletion_log_explains_what_retention_deleted(vectors: Path, tmp_path:
     log.write_bytes(log.read_bytes().replace(b"retention", b"RETENTION"))
     bad = CliRunner().invoke(main, [*base, "--deletion-log", str(log), "--receipt-key", str(pub)])
     assert bad.exit_code == 1 and "deletion-log.jsonl" in bad.output
+
+
+def test_a_receivers_upload_in_progress_is_a_temp_file(vectors: Path, tmp_path: Path) -> None:
+    """The receiver streams a payload to .NAME.XXXXXXXXXXXX.tmp (FORMAT.md §1): a warning,
+    not an unknown entry (found by the mutation campaign)."""
+    import shutil
+
+    d = tmp_path / "dev"
+    shutil.copytree(vectors / "cases" / "good", d)
+    (d / ".0000000004.payload.age.eda2b11c4012.tmp").write_bytes(b"partial")
+    report = verify_dir(d, [load_device_key(vectors / "keys" / "device.pub")])
+    assert report.passed() and [p.kind for p in report.problems] == ["temp_file"]

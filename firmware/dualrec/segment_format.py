@@ -24,7 +24,8 @@ HEADER_SUFFIX = ".hdr.json"
 PAYLOAD_SUFFIX = ".payload.age"
 # ASCII digits only and no trailing newline: Python's \d and $ would accept both (FORMAT.md §1).
 _NAME = re.compile(r"([0-9]{10})\.(hdr\.json|payload\.age)")
-_TMP_NAME = re.compile(r"\.([0-9]{10})\.(hdr\.json|payload\.age)\.tmp")
+# the box's .NAME.tmp, and the receiver's .NAME.XXXXXXXXXXXX.tmp (a random part per upload)
+_TMP_NAME = re.compile(r"\.([0-9]{10})\.(hdr\.json|payload\.age)(\.[0-9a-f]{12})?\.tmp")
 
 AGE_CHUNK = 64 * 1024
 AGE_TAG = 16
