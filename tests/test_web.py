@@ -130,7 +130,7 @@ def session_path(world: World) -> str:
 
 ROUTES = [("GET", "/"), ("GET", "/api/devices"), ("GET", "/sessions"),
           ("GET", "/api/sessions"), ("GET", "/sessions/{d}/{s}"), ("GET", "/api/sessions/{d}/{s}"),
-          ("GET", "/media/{d}/{s}.webm"), ("POST", "/sessions/{d}/{s}/unmask"),
+          ("GET", "/media/{d}/{s}.mp4"), ("POST", "/sessions/{d}/{s}/unmask"),
           ("GET", "/static/app.js"), ("GET", "/static/style.css"), ("POST", "/logout"),
           ("GET", "/no/such/page")]
 
@@ -175,7 +175,7 @@ def test_login_rate_limited_and_csrf_required(world: World) -> None:
     status, it = http_login(world, "ian")
     assert request(world, "GET", "/api/devices", cookies=it)[0] == 200
     for path in ("/sessions", "/api/sessions", session_path(world),
-                 f"/media/{DEVICE}/{world.session_a}.webm"):
+                 f"/media/{DEVICE}/{world.session_a}.mp4"):
         assert request(world, "GET", path, cookies=it)[0] == 403, path
     # cookies: HttpOnly and SameSite=Strict (Secure only over TLS: this test is plain HTTP)
     _, h, _ = request(world, "GET", "/login")
@@ -265,6 +265,7 @@ def test_session_plays_seeks_and_follows_the_log(world: World, browser: Any,
     browser_login(browser, world, "ada")
     browser.get(world.url + session_path(world))
     wait(lambda: _log_state(browser)["ready"] >= 2, 60, "the video to load")
+    assert not browser.find_element(By.ID, "preparing").is_displayed()
     # plays: currentTime advances
     browser.execute_script("document.getElementById('video').play()")
     t0 = _log_state(browser)["t"]
@@ -364,6 +365,7 @@ def test_numbers_masked_everywhere_until_unmasked_with_a_reason(world: World, br
     assert e["at"].endswith("+00:00")
     assert verify_log(audit) == []
     assert oct(audit.stat().st_mode & 0o777) == "0o600"
+    assert "view" in {e["action"] for e in entries}
     # unmasked for ada only, and only this session
     _no_numbers("bob's view", request(world, "GET", "/api" + session_path(world),
                                       cookies=bob)[2])
@@ -376,7 +378,7 @@ def test_numbers_masked_everywhere_until_unmasked_with_a_reason(world: World, br
     assert "unmask user=ada" in log_text
     _no_numbers("web log", log_text)
     # decrypted media in the cache: only the service's user may read it
-    cached = list((world.state / "cache").glob("*.webm"))
+    cached = list((world.state / "cache").glob("*.mp4"))
     assert cached and all(p.stat().st_mode & 0o077 == 0 for p in cached)
     assert (world.state / "cache").stat().st_mode & 0o077 == 0
 

@@ -1,10 +1,11 @@
 """dualrec-web's parts without a browser: argon2id accounts and the `user add` command, the
 hash-chained audit log (an edited or removed line is found; reasons pass the number shield), the
-login rate limit's window."""
+login rate limit's window, gaps from the index, the private media cache and its sweep."""
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -14,9 +15,11 @@ from click.testing import CliRunner
 
 from dualrec import numbers
 from dualrec_tools.web.accounts import AccountError, Accounts
+from dualrec_tools.web.archive import Archive
 from dualrec_tools.web.audit import AuditLog, verify_log
 from dualrec_tools.web.auth import LoginLimiter
 from dualrec_tools.web.cli import main
+from dualrec_tools.web.media import MediaCache
 
 
 def test_accounts_hash_with_argon2id_and_check(tmp_path: Path) -> None:
@@ -83,3 +86,29 @@ def test_login_limit_per_name_and_address_with_a_sliding_window() -> None:
     assert lim.blocked("dave", "10.0.0.1")  # the address, whatever name
     time.sleep(0.35)
     assert not lim.blocked("ada", "10.0.0.1")
+
+
+def test_gaps_from_the_index(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "receiver.db")
+    db.execute("CREATE TABLE segments (device TEXT, seq INTEGER)")
+    db.executemany("INSERT INTO segments VALUES (?, ?)",
+                   [("a", s) for s in (2, 3, 5, 9)] + [("b", 0), ("b", 1)])
+    db.commit()
+    db.close()
+    archive = Archive(tmp_path, [])
+    assert archive.gaps("a") == [(0, 1), (4, 4), (6, 8)]
+    assert archive.gaps("b") == [] and archive.gaps("c") == []
+    archive.close()
+
+
+def test_media_cache_is_private_and_swept(tmp_path: Path) -> None:
+    cache = MediaCache(tmp_path / "cache", max_age_s=60)
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+    old = cache.path("box-1", "20250301T090000Z-aaaaaa", "ada")
+    old.write_bytes(b"decrypted")
+    fresh = cache.path("box-1", "20250301T090000Z-aaaaaa", "bob")
+    fresh.write_bytes(b"decrypted")
+    os.utime(old, (time.time() - 61, time.time() - 61))
+    assert "ada" not in old.name  # no viewer name in a file name
+    assert cache.sweep() == 1 and not old.exists() and fresh.exists()
+    assert cache.fresh(fresh) and not cache.fresh(old)

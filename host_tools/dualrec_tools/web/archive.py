@@ -150,6 +150,16 @@ class Archive:
         out.sort(key=lambda r: r.start_utc_ns, reverse=True)
         return out
 
+    def gaps(self, device: str) -> list[tuple[int, int]]:
+        """Seqs missing below the highest held, as inclusive ranges, from the index alone (one
+        pass over the primary key; the dashboard asks at every refresh)."""
+        rows = self.store.rows(
+            "SELECT seq + 1, nxt - 1 FROM (SELECT seq, lead(seq) OVER (ORDER BY seq) AS nxt "
+            "FROM segments WHERE device=?) WHERE nxt > seq + 1", device)
+        first = self.store.rows("SELECT min(seq) FROM segments WHERE device=?", device)[0][0]
+        out = [(0, first - 1)] if first else []
+        return out + [(r[0], r[1]) for r in rows]
+
     def upload_rate(self, device: str, window_s: int = 300) -> float:
         """Payload bytes per second stored over the last window."""
         since = time.time_ns() - window_s * NS

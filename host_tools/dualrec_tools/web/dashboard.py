@@ -84,7 +84,6 @@ def rows(archive: Archive, faults: Faults, alert_after_s: float, tz: tzinfo) -> 
         silent_s = None if f.last_contact_ns is None else max(0, now - f.last_contact_ns) / NS
         cert_days = None if f.cert_not_after_ns is None else \
             (f.cert_not_after_ns - now) / NS / 86400
-        status = archive.store.status(f.device)
         out.append({
             "device": f.device, "counter": archive.counters.get(f.device),
             "last_contact": _local(f.last_contact_ns, tz),
@@ -98,7 +97,7 @@ def rows(archive: Archive, faults: Faults, alert_after_s: float, tz: tzinfo) -> 
             round(f.clock_error_ns / 1e6, 3),
             "spool": "not reported",
             "faults": faults.current(f.device),
-            "gaps": [f"{a}..{b}" if a != b else str(a) for a, b in status["gaps"]],
+            "gaps": [f"{a}..{b}" if a != b else str(a) for a, b in archive.gaps(f.device)],
             "missing": f.missing, "forks": f.forks,
             "problems": {k: v for k, v in f.problems.items()},
             "firmware": f.firmware or "unknown",

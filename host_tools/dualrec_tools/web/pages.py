@@ -169,7 +169,7 @@ async def media(request: web.Request) -> web.StreamResponse:
     login = login_of(request)
     cached = st.media.path(device, session, login.account.name)
     if st.media.fresh(cached):  # decrypting again is the costly part: not for a Range request
-        return web.FileResponse(cached, headers={"Content-Type": "video/webm",
+        return web.FileResponse(cached, headers={"Content-Type": "video/mp4",
                                                  "Cache-Control": "private, no-store"})
     view, _ = await _view(request)
     height = 0
@@ -184,7 +184,7 @@ async def media(request: web.Request) -> web.StreamResponse:
         log.warning("media failed device=%s session=%s: %s", view.row.device,
                     view.row.info.session, exc)
         return web.json_response({"error": "the session's media cannot be played"}, status=500)
-    return web.FileResponse(path, headers={"Content-Type": "video/webm",
+    return web.FileResponse(path, headers={"Content-Type": "video/mp4",
                                            "Cache-Control": "private, no-store"})
 
 
@@ -199,7 +199,8 @@ async def unmask(request: web.Request) -> web.StreamResponse:
     if len(reason) < REASON_MIN:
         return web.Response(text=f"a reason of at least {REASON_MIN} characters is needed",
                             status=400)
-    if await asyncio.to_thread(st.archive.chain, device) is None:
+    chain = await asyncio.to_thread(st.archive.chain, device)
+    if chain is None or chain.report.session(session) is None:
         raise web.HTTPNotFound()
     # on disk before anything is shown
     st.audit.append(login.account.name, "unmask", device=device, session=session,
@@ -226,6 +227,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/sessions", sessions_api)
     r.add_get("/sessions/{device}/{session}", session_page)
     r.add_get("/api/sessions/{device}/{session}", session_api)
-    r.add_get("/media/{device}/{session}.webm", media)
+    r.add_get("/media/{device}/{session}.mp4", media)
     r.add_post("/sessions/{device}/{session}/unmask", unmask)
     r.add_get("/static/{name}", static)

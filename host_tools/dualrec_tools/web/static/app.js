@@ -85,21 +85,32 @@ function setupPlayer() {
   if (!video) return;
   const timeline = document.getElementById("timeline");
   const playhead = document.getElementById("playhead");
+  const preparing = document.getElementById("preparing");
+  video.addEventListener("loadeddata", () => { preparing.hidden = true; });
+  video.addEventListener("error", () => {
+    preparing.textContent = "The recording cannot be played (see the service's log).";
+  });
+  // the session's own duration until the player knows the file's
+  const duration = () => (isFinite(video.duration) && video.duration > 0
+    ? video.duration : Number(timeline.dataset.duration));
   const place = () => {
-    const d = video.duration;
+    const d = duration();
     if (!isFinite(d) || d <= 0) return;
     for (const m of timeline.querySelectorAll(".mark")) {
-      m.style.left = (100 * Math.min(Math.max(Number(m.dataset.t) / d, 0), 1)) + "%";
-      m.addEventListener("click", () => { video.currentTime = Math.max(0, Number(m.dataset.t)); });
+      const f = Math.min(Math.max(Number(m.dataset.t) / d, 0), 1);
+      m.style.left = (100 * f) + "%";
+      m.classList.toggle("end", f > 0.8);  // its label to the left of its line, not cut off
     }
   };
+  for (const m of timeline.querySelectorAll(".mark"))
+    m.addEventListener("click", () => { video.currentTime = Math.max(0, Number(m.dataset.t)); });
   video.addEventListener("loadedmetadata", place);
-  if (video.readyState >= 1) place();
+  place();
   // every frame rather than on timeupdate (4 Hz): the highlight keeps up with the picture
   const tick = () => {
     highlight(video.currentTime);
-    if (isFinite(video.duration) && video.duration > 0)
-      playhead.style.left = (100 * video.currentTime / video.duration) + "%";
+    const d = duration();
+    if (isFinite(d) && d > 0) playhead.style.left = (100 * Math.min(video.currentTime / d, 1)) + "%";
     requestAnimationFrame(tick);
   };
   requestAnimationFrame(tick);
