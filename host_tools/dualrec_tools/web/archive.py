@@ -123,6 +123,10 @@ class Archive:
             self._chains[device] = chain
         return chain
 
+    def has_session(self, device: str, session: str) -> bool:
+        chain = self.chain(device)
+        return chain is not None and chain.report.session(session) is not None
+
     def transaction(self, device: str, chain: DeviceChain, info: SessionInfo) -> Transaction:
         have = tuple(s for s in info.seqs if chain.report.chain[s].payload is not None)
         key = (device, info.session, have)

@@ -152,7 +152,7 @@ async def session_page(request: web.Request) -> web.StreamResponse:
     return render(request, "session.html", s=review.summary(view, st.config.tz),
                   unmasked=unmasked, can_unmask=login.account.can_unmask,
                   unmask_minutes=int((until - time.monotonic()) / 60) + 1 if unmasked and until
-                  else 0, viewer=login.account.name, has_media=bool(view.media))
+                  else 0, viewer=login.account.name, has_media=view.has_media)
 
 
 @need("auditor")
@@ -160,6 +160,11 @@ async def session_api(request: web.Request) -> web.StreamResponse:
     view, unmasked = await _view(request)
     return web.json_response(review.summary(view, state(request).config.tz)
                              | {"unmasked": unmasked})
+
+
+def _player_file(st: Any, device: str, session: str, viewer: str) -> Any:
+    media, height = review.media_of(st.archive, device, session)
+    return st.media.get(device, session, viewer, media, height or 360)
 
 
 @need("auditor")
@@ -171,18 +176,12 @@ async def media(request: web.Request) -> web.StreamResponse:
     if st.media.fresh(cached):  # decrypting again is the costly part: not for a Range request
         return web.FileResponse(cached, headers={"Content-Type": "video/mp4",
                                                  "Cache-Control": "private, no-store"})
-    view, _ = await _view(request)
-    height = 0
-    for seq in view.row.info.seqs:
-        hf = st.archive.chain(view.row.device).report.chain[seq]  # type: ignore[union-attr]
-        if hf.header is not None:
-            height = max(height, hf.header["streams"]["video"]["height"])
+    if not await asyncio.to_thread(st.archive.has_session, device, session):
+        raise web.HTTPNotFound()
     try:
-        path = await asyncio.to_thread(st.media.get, view.row.device, view.row.info.session,
-                                       login.account.name, view.media, height or 360)
+        path = await asyncio.to_thread(_player_file, st, device, session, login.account.name)
     except MediaError as exc:
-        log.warning("media failed device=%s session=%s: %s", view.row.device,
-                    view.row.info.session, exc)
+        log.warning("media failed device=%s session=%s: %s", device, session, exc)
         return web.json_response({"error": "the session's media cannot be played"}, status=500)
     return web.FileResponse(path, headers={"Content-Type": "video/mp4",
                                            "Cache-Control": "private, no-store"})

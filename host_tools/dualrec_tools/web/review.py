@@ -3,12 +3,15 @@
 and the segments' media for the player.
 
 Text is masked with the number shield unless the caller says the viewer unmasked this session;
-the raw bytes stay in the sealed evidence and are never sent.
+the raw bytes stay in the sealed evidence and are never sent. The media is decrypted only for
+the player's file (media_of), not for every page view.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -18,8 +21,9 @@ from dualrec.segment import MEDIA_NAME
 from dualrec.shield import shield
 from dualrec_tools import regulator
 from dualrec_tools.export import decrypt_payload, jsonl, session_origin
+from dualrec_tools.verify import HeaderFile, SessionInfo
 from dualrec_tools.verify_content import check_contents
-from dualrec_tools.web.archive import Archive, SessionRow
+from dualrec_tools.web.archive import Archive, DeviceChain, SessionRow
 
 NS = 1_000_000_000
 # Events marked on the timeline, and how the page names them.
@@ -39,7 +43,7 @@ class SessionView:
     start_utc_ns: int | None
     lines: list[dict[str, Any]]
     events: list[dict[str, Any]]
-    media: list[tuple[int, bytes]]
+    has_media: bool
     content_problems: list[str]
     notes: list[str] = field(default_factory=list)
 
@@ -67,16 +71,38 @@ def _detail(detail: Any, origin_ns: int) -> str:
     return shield(json.dumps(shown, ensure_ascii=False, sort_keys=True))[:300]
 
 
-def load(archive: Archive, device: str, session: str, *, unmasked: bool) -> SessionView | None:
-    """Decrypt the session's segments and lay out what the page shows; None if unknown."""
-    chain = archive.chain(device)
-    info = chain.report.session(session) if chain else None
-    if chain is None or info is None:
-        return None
-    row = next(r for r in archive.sessions() if r.device == device and r.info.session == session)
+@dataclass
+class _Decrypted:
+    """A session's records as sealed (unmasked: never sent as they are), its origin and the
+    content-level findings; kept for a few sessions so a page, its API call and a reload do not
+    decrypt the whole session again."""
+
+    lines: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    origin: int
+    content: list[str]
+    notes: list[str]
+
+
+_CACHE: OrderedDict[tuple[Any, ...], _Decrypted] = OrderedDict()
+_CACHE_SIZE = 16
+_cache_lock = threading.Lock()
+
+
+def _members(archive: Archive, hf: HeaderFile) -> dict[str, bytes]:
+    assert hf.payload is not None
+    return decrypt_payload(hf.payload.read_bytes(), archive.identities)
+
+
+def _decrypt(archive: Archive, chain: DeviceChain, info: SessionInfo) -> _Decrypted:
+    key = (chain.device, info.session,
+           tuple((s, chain.report.chain[s].payload is not None) for s in info.seqs))
+    with _cache_lock:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
     lines: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
-    media: list[tuple[int, bytes]] = []
     notes: list[str] = []
     origin_from_header = None
     for seq in info.seqs:
@@ -87,25 +113,70 @@ def load(archive: Archive, device: str, session: str, *, unmasked: bool) -> Sess
             notes.append(f"seq {seq}: payload not received yet")
             continue
         try:
-            members = decrypt_payload(hf.payload.read_bytes(), archive.identities)
+            members = _members(archive, hf)
         except Exception as exc:  # a damaged payload: the page says so and shows the rest
             notes.append(f"seq {seq}: cannot decrypt ({type(exc).__name__})")
             continue
         lines += jsonl(members.get("oplog.jsonl", b""), LineRecord)
         events += jsonl(members.get("events.jsonl", b""), EventRecord)
-        if MEDIA_NAME in members:
-            media.append((seq, members[MEDIA_NAME]))
     origin = session_origin(events)
     if origin is None:
         origin = origin_from_header if origin_from_header is not None else info.start_utc_ns
     sub = {s: chain.report.chain[s] for s in info.seqs}
     content = [str(p) for p in check_contents(sub, archive.identities, set())]
+    out = _Decrypted(lines, events, origin, content, notes)
+    with _cache_lock:
+        _CACHE[key] = out
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return out
+
+
+def media_of(archive: Archive, device: str, session: str) -> tuple[list[tuple[int, bytes]], int]:
+    """The session's media.mkv per segment, and the picture height (for the watermark)."""
+    chain = archive.chain(device)
+    info = chain.report.session(session) if chain else None
+    if chain is None or info is None:
+        return [], 0
+    media, height = [], 0
+    for seq in info.seqs:
+        hf = chain.report.chain[seq]
+        if hf.header is not None:
+            height = max(height, hf.header["streams"]["video"]["height"])
+        if hf.payload is None:
+            continue
+        try:
+            members = _members(archive, hf)
+        except Exception:  # reported on the session's page; the player gets what decrypts
+            continue
+        if MEDIA_NAME in members:
+            media.append((seq, members[MEDIA_NAME]))
+    return media, height
+
+
+def _has_media(chain: DeviceChain, info: SessionInfo) -> bool:
+    for seq in info.seqs:
+        h = chain.report.chain[seq].header
+        if h is not None and (h["streams"]["video"]["frames"] or h["streams"]["audio"]["samples"]):
+            return True
+    return False
+
+
+def load(archive: Archive, device: str, session: str, *, unmasked: bool) -> SessionView | None:
+    """Decrypt the session's segments and lay out what the page shows; None if unknown."""
+    chain = archive.chain(device)
+    info = chain.report.session(session) if chain else None
+    if chain is None or info is None:
+        return None
+    row = next(r for r in archive.sessions() if r.device == device and r.info.session == session)
+    d = _decrypt(archive, chain, info)
+    origin = d.origin
     start_utc = regulator.origin_utc_ns(chain.report, info, origin)
     text = (lambda s: s) if unmasked else shield
     out_lines = [{"i": n, "t": (r["t_mono_ns"] - origin) / NS, "text": text(r.get("text", "")),
-                  "flags": r.get("flags", [])} for n, r in enumerate(lines)]
+                  "flags": r.get("flags", [])} for n, r in enumerate(d.lines)]
     out_events = []
-    for e in events:
+    for e in d.events:
         kind = e.get("kind", "")
         t = (e["t_mono_ns"] - origin) / NS
         if kind == "session_start":
@@ -123,7 +194,8 @@ def load(archive: Archive, device: str, session: str, *, unmasked: bool) -> Sess
         if "gap" in p or "missing" in p:
             out_events.append({"t": 0.0, "kind": "chain_gap", "label": "chain gap",
                                "detail": shield(p)})
-    return SessionView(row, origin, start_utc, out_lines, out_events, media, content, notes)
+    return SessionView(row, origin, start_utc, out_lines, out_events, _has_media(chain, info),
+                       d.content, list(d.notes))
 
 
 def summary(view: SessionView, tz: tzinfo) -> dict[str, Any]:
