@@ -150,12 +150,12 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     name, password = str(form.get("name") or "")[:64], str(form.get("password") or "")[:1024]
     address = request.remote or "?"
     if st.limiter.blocked(name, address):
-        log.warning("login refused (rate limit) name=%s from=%s", name, address)
+        log.warning("login refused (rate limit) name=%r from=%s", name, address)
         return await login_page(request, "Too many failed logins; wait a few minutes.", 429)
     account = st.accounts.check(name, password)
     if account is None:
         st.limiter.failed(name, address)
-        log.warning("login failed name=%s from=%s", name, address)
+        log.warning("login failed name=%r from=%s", name, address)
         return await login_page(request, "Wrong name or password.", 401)
     token, _ = st.sessions.create(account)
     log.info("login user=%s role=%s from=%s", account.name, account.role, address)

@@ -37,16 +37,21 @@ class Faults:
         self._events: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def _segment_events(self, device: str, seq: int, sha: str) -> list[dict[str, Any]]:
+    def _segment_events(self, device: str, seq: int, sha: str,
+                        header: bytes) -> list[dict[str, Any]]:
+        """The fault events of one idle segment; [] for any other reason. Cached by the
+        header's hash (a stored segment never changes), so a refresh parses only new ones."""
         key = (device, seq, sha)
         with self._lock:
             if key in self._events:
                 return self._events[key]
+        events: list[dict[str, Any]] = []
         try:
-            data = (self.archive.device_dir(device) / payload_name(seq)).read_bytes()
-            members = decrypt_payload(data, self.archive.identities)
-            events = [e for e in jsonl(members.get("events.jsonl", b""), EventRecord)
-                      if e.get("kind") in _FAULT_REASONS]
+            if parse_header(header)["reason"] in _FAULT_REASONS:
+                data = (self.archive.device_dir(device) / payload_name(seq)).read_bytes()
+                members = decrypt_payload(data, self.archive.identities)
+                events = [e for e in jsonl(members.get("events.jsonl", b""), EventRecord)
+                          if e.get("kind") in _FAULT_REASONS]
         except Exception:  # unreadable: the chain's verdict reports it; no fault guessed
             events = []
         with self._lock:
@@ -60,19 +65,19 @@ class Faults:
             device, FAULT_SCAN)
         active: dict[tuple[str, str], str] = {}
         for r in reversed(rows):
-            try:
-                reason = parse_header(bytes(r["header"]))["reason"]
-            except Exception:
-                continue
-            if reason not in _FAULT_REASONS:
-                continue
-            for e in self._segment_events(device, r["seq"], r["header_sha256"]):
+            for e in self._segment_events(device, r["seq"], r["header_sha256"],
+                                          bytes(r["header"])):
                 d = e.get("detail") or {}
                 part = (str(d.get("device", "?")), str(d.get("part", "")))
                 if e["kind"] == "fault":
                     active[part] = str(d.get("reason", ""))
                 else:
                     active.pop(part, None)
+        if rows:  # forget what fell out of the window: the cache stays bounded
+            low = rows[-1]["seq"]
+            with self._lock:
+                for key in [k for k in self._events if k[0] == device and k[1] < low]:
+                    del self._events[key]
         return [shield(f"{dev}{'/' + part if part else ''}: {why}")
                 for (dev, part), why in sorted(active.items())]
 
