@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import logging.handlers
 import os
+import socket
 import ssl
 import sys
 from datetime import UTC, tzinfo
@@ -28,6 +30,17 @@ def _hostport(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise click.BadParameter(f"{value!r} is not HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _resolve(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "0.0.0.0"  # unknown: warn as for any non-loopback address
 
 
 def _tz(name: str | None) -> tzinfo:
@@ -106,8 +119,14 @@ def serve(data_dir: Path, state_dir: Path, identity: Path, listen: str, tls_cert
         app = make_app(config)
     except ArchiveError as exc:
         raise click.ClickException(str(exc)) from None
-    logging.getLogger("dualrec.web").info("serving on %s:%d (%s)", host, port,
-                                          "https" if ssl_ctx else "http")
+    log = logging.getLogger("dualrec.web")
+    if identity.stat().st_mode & 0o077:
+        log.warning("%s is readable by others than its owner: it decrypts every recording "
+                    "(chmod 600)", identity)
+    if ssl_ctx is None and not ipaddress.ip_address(_resolve(host)).is_loopback:
+        log.warning("serving plain HTTP on %s: passwords and session cookies cross the LAN "
+                    "in clear and cookies cannot be Secure; give --tls-cert/--tls-key", host)
+    log.info("serving on %s:%d (%s)", host, port, "https" if ssl_ctx else "http")
     web.run_app(app, host=host, port=port, ssl_context=ssl_ctx, print=None,
                 access_log_format='%a "%r" %s %b')
 
