@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dualrec.cli import main
 from dualrec.preflight import EX_CONFIG
 from dualrec_tools.keys import DEFAULT_RECEIVER_NAMES, write_branch
-from dualrec_tools.provision import provision
+from dualrec_tools.localbox import provision
 from helpers import ROOT
 
 SIM = ROOT / "boards" / "sim.toml"

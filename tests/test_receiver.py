@@ -133,6 +133,11 @@ def receiver(tmp_path: Path, world: World):
         rx.stop()
 
 
+def admin_auth(rx: ReceiverThread) -> dict[str, str]:
+    """Headers of an authenticated admin request (a new admin token in the receiver's book)."""
+    return {"Authorization": f"Bearer {rx.book.add_admin_token('tests')}"}
+
+
 def tls(world: World, who: str | None = DEV, *, ca: Path | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca or world.ca)
     if who:
@@ -463,7 +468,7 @@ def test_status_shows_gaps_and_waiting_headers(receiver, world: World) -> None:
         put_header(c, a[2])
         put_header(c, a[3])
         own = c.get(f"/v1/devices/{DEV}/status").json()
-    admin = httpx.get(f"{rx.admin_url}/admin/status", timeout=5).json()
+    admin = httpx.get(f"{rx.admin_url}/admin/status", headers=admin_auth(rx), timeout=5).json()
     assert admin["receiver"] == "branch-0001"
     for st in (own, admin["devices"][DEV]):
         assert (st["highest_seq"], st["gaps"]) == (3, [[1, 1]])
@@ -473,22 +478,32 @@ def test_status_shows_gaps_and_waiting_headers(receiver, world: World) -> None:
 
 
 def test_admin_enroll(receiver, world: World, tmp_path: Path) -> None:
+    """Enrolling by hand through the admin API: authenticated, a certificate the branch CA
+    issued only, a conflict unless replace (the token flow is tests/test_enrollment.py)."""
     rx = receiver()
+    auth = admin_auth(rx)
     cert = world.clients[DEV][0].read_text()
     new_key = Ed25519PrivateKey.generate()
     body = {"device": DEV, "cert_pem": cert,
             "signing_key_pem": device_pub_pem(world.signing[DEV].public_key(), DEV).decode()}
     url = f"{rx.admin_url}/admin/devices"
-    same = httpx.post(url, json=body, timeout=5)
+    same = httpx.post(url, json=body, headers=auth, timeout=5)
     other = {**body, "signing_key_pem": device_pub_pem(new_key.public_key(), DEV).decode()}
-    conflict = httpx.post(url, json=other, timeout=5)
-    wrong_cn = httpx.post(url, json={**body, "device": "test-0003"}, timeout=5)
-    garbage = httpx.post(url, content=b"not json", timeout=5)
+    conflict = httpx.post(url, json=other, headers=auth, timeout=5)
+    wrong_cn = httpx.post(url, json={**body, "device": "test-0003"}, headers=auth, timeout=5)
+    garbage = httpx.post(url, content=b"not json", timeout=5,
+                         headers={**auth, "Content-Type": "application/json"})
+    rogue = httpx.post(url, json={**body, "cert_pem": world.clients["rogue"][0].read_text()},
+                       headers=auth, timeout=5)
+    anonymous = httpx.post(url, json=body, timeout=5)
     assert same.status_code == 200 and same.json()["device"] == DEV
-    assert [(r.status_code, r.json()["error"]) for r in (conflict, wrong_cn, garbage)] == \
-        [(409, "conflict"), (400, "bad_request"), (400, "bad_request")]
-    replaced = httpx.post(url, json={**other, "replace": True}, timeout=5)
+    assert [(r.status_code, r.json()["error"]) for r in
+            (conflict, wrong_cn, garbage, rogue, anonymous)] == \
+        [(409, "conflict"), (400, "device_mismatch"), (400, "bad_request"),
+         (400, "not_issued"), (401, "unauthenticated")]
+    replaced = httpx.post(url, json={**other, "replace": True}, headers=auth, timeout=5)
     assert replaced.status_code == 200
+    assert rx.book.audit.lines()[-1]["what"] == "replace"
     with client(rx, world) as c:  # the old signing key no longer counts
         assert put_header(c, world.a[0]).status_code == 403
 
@@ -499,8 +514,10 @@ def test_cli_enroll_and_status(tmp_path: Path, world: World) -> None:
     data = str(tmp_path / "data")
     run = CliRunner().invoke
     args = ["enroll", "--data", data, "--device-id", DEV, "--signing-key", str(pub),
-            "--cert", str(world.clients[DEV][0])]
+            "--cert", str(world.clients[DEV][0]), "--keys", str(world.keys)]
     assert run(cli_main, args).exit_code == 0
+    rogue = run(cli_main, [*args[:8], str(world.clients["rogue"][0]), *args[9:]])
+    assert rogue.exit_code != 0 and "not issued by this branch's CA" in rogue.output
     other = run(cli_main, [*args[:3], "--device-id", DEV2, *args[5:]])
     assert other.exit_code != 0 and "is the key of test-0001" in other.output
     with ReceiverStore(Path(data)) as store:
@@ -513,6 +530,10 @@ def test_cli_enroll_and_status(tmp_path: Path, world: World) -> None:
 
 def test_cli_serve_prints_listening_and_stops_on_sigterm(tmp_path: Path, world: World) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'firmware'}:{ROOT / 'host_tools'}"}
+    made = CliRunner().invoke(cli_main, ["admin-token", "--data", str(tmp_path / "data"),
+                                         "--name", "tests"])
+    assert made.exit_code == 0, made.output
+    auth = {"Authorization": f"Bearer {made.output.strip()}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dualrec_tools.receiver.cli", "serve", "--data",
          str(tmp_path / "data"), "--keys", str(world.keys), "--listen", "127.0.0.1:0",
@@ -523,7 +544,9 @@ def test_cli_serve_prints_listening_and_stops_on_sigterm(tmp_path: Path, world: 
         line = proc.stdout.readline().split()
         assert line[0] == "LISTENING" and line[2] == "admin", line
         assert line[1].startswith("https://127.0.0.1:") and not line[1].endswith(":0")
-        assert httpx.get(f"{line[3]}/admin/status", timeout=5).json()["devices"] == {}
+        assert httpx.get(f"{line[3]}/admin/status", headers=auth,
+                         timeout=5).json()["devices"] == {}
+        assert proc.stdout.readline().split() == ["ENROLL", "off", "(no", "ca.key)"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:

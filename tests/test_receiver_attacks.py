@@ -26,6 +26,7 @@ from test_receiver import (  # noqa: F401
     DEV,
     DEV2,
     World,
+    admin_auth,
     client,
     put_header,
     put_payload,
@@ -284,7 +285,8 @@ def test_hostile_json_is_400_without_traceback(receiver, world: World, caplog,
     with client(rx, world) as c:
         r = put_header(c, type(world.a[0])(0, body, b""))
     assert r.status_code == 400 and r.json()["error"] == "malformed"
-    admin = httpx.post(f"{rx.admin_url}/admin/devices", content=body, timeout=5)
+    admin = httpx.post(f"{rx.admin_url}/admin/devices", content=body, timeout=5,
+                       headers={**admin_auth(rx), "Content-Type": "application/json"})
     assert admin.status_code == 400 and admin.json()["error"] == "bad_request"
     assert not any(r.exc_info for r in caplog.records)
     assert rx.store.status(DEV)["headers"] == 0

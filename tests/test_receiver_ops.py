@@ -32,6 +32,7 @@ from test_receiver import (  # noqa: F401
     World,
     _enroll,
     _seal,
+    admin_auth,
     client,
     put_header,
     put_payload,
@@ -162,9 +163,11 @@ def test_retention_holds_log_and_verify(receiver, world: World, sessions) -> Non
             assert put_header(c, seg).status_code == 202
             assert put_payload(c, seg).status_code == 200
     admin = rx.admin_url
+    auth = admin_auth(rx)
     second = json.loads(segs[2].header)["session"]
     assert httpx.post(f"{admin}/admin/holds", json={"device": DEV, "session": second,
-                                                    "held": True}, timeout=5).status_code == 200
+                                                    "held": True}, headers=auth,
+                      timeout=5).status_code == 200
     log_path = rx.store.data_dir / retention_mod.DELETION_LOG
     ret = Retention(rx.store, RetentionPolicy(keep_days=1), log_path, world.receipt_key,
                     rx.running.events)
@@ -172,9 +175,11 @@ def test_retention_holds_log_and_verify(receiver, world: World, sessions) -> Non
     assert ret.pass_once(now_ns=time.time_ns()) == 0  # nothing is a day old yet
     assert ret.pass_once(now_ns=future) == 2  # session 1; session 2 is on hold
     httpx.post(f"{admin}/admin/holds", json={"device": DEV, "session": second, "held": False},
+               headers=auth, timeout=5)
+    httpx.post(f"{admin}/admin/holds", json={"device": DEV2, "held": True}, headers=auth,
                timeout=5)
-    httpx.post(f"{admin}/admin/holds", json={"device": DEV2, "held": True}, timeout=5)
-    assert httpx.get(f"{admin}/admin/holds", timeout=5).json()["holds"][0]["device"] == DEV2
+    assert httpx.get(f"{admin}/admin/holds", headers=auth,
+                     timeout=5).json()["holds"][0]["device"] == DEV2
     assert ret.pass_once(now_ns=future) == 2  # session 2; session 3 holds the head
     assert ret.pass_once(now_ns=future) == 0
     left = sorted(p.name for p in rx.store.device_dir(DEV).iterdir())

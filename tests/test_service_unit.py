@@ -63,23 +63,36 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_provision_puts_spool_and_state_in_the_state_directory(tmp_path: Path) -> None:
-    """`dualrec-tool provision` (the technician's command) writes a site config whose spool and
-    chain state are under /var/lib/dualrec, where the unit lets the service write."""
+    """`dualrec-tool provision` (the technician's command) writes a site config whose spool,
+    chain state and (box-made) keys are under /var/lib/dualrec, where the unit lets the service
+    write; the bundle holds no private key."""
     from click.testing import CliRunner
 
     from dualrec.config import load_site
     from dualrec_tools.cli import main as tool
+    from dualrec_tools.receiver.cli import main as receiver
 
     runner = CliRunner()
     done = runner.invoke(tool, ["keys", "branch", str(tmp_path / "branch"), "--name", "b"])
     assert done.exit_code == 0, done.output
+    done = runner.invoke(receiver, ["enroll-token", "--data", str(tmp_path / "data"), "--keys",
+                                    str(tmp_path / "branch"), "--device-id", "d-1", "--out",
+                                    str(tmp_path / "token.json")])
+    assert done.exit_code == 0, done.output
     done = runner.invoke(tool, ["provision", "--branch", str(tmp_path / "branch"), "--id", "d-1",
                                 "--receiver-url", "https://127.0.0.1:8443",
+                                "--token-file", str(tmp_path / "token.json"),
                                 "--out", str(tmp_path / "dev")])
     assert done.exit_code == 0, done.output
     site = load_site(tmp_path / "dev" / "site.toml")
     assert site.spool.dir == Path("/var/lib/dualrec/spool")
     assert site.spool.state == Path("/var/lib/dualrec/state/state.db")
+    assert site.uplink is not None
+    assert (site.device.key, site.uplink.key, site.uplink.cert) == (
+        Path("/var/lib/dualrec/keys/device.key"), Path("/var/lib/dualrec/keys/tls.key"),
+        Path("/var/lib/dualrec/keys/tls.crt"))
+    assert sorted(p.name for p in (tmp_path / "dev").iterdir()) == [
+        "ca.crt", "enroll.json", "receipt.pub", "site.toml"]
 
 
 def _security_score(unit: Path) -> float:

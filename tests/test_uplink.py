@@ -49,8 +49,8 @@ from dualrec.spool import Spool
 from dualrec.timebase import Timebase
 from dualrec.uplink import Uplink, load_receipt_key
 from dualrec_tools.keys import DEFAULT_RECEIVER_NAMES, write_branch
+from dualrec_tools.localbox import Provisioned, enroll_in_data_dir, provision
 from dualrec_tools.pki import cert_pem, issue, key_pem, load_ca, make_ca
-from dualrec_tools.provision import Provisioned, enroll_in_data_dir, provision
 from dualrec_tools.receiver.server import ReceiverConfig, ReceiverThread, build_ssl_context
 from dualrec_tools.receiver.server import load_receipt_key as load_receipt_signing_key
 from dualrec_tools.receiver.store import ReceiverStore

@@ -28,7 +28,7 @@ from dualrec.spool import Spool
 from dualrec.timebase import Timebase
 from dualrec.uplink import Uplink
 from dualrec_tools.keys import DEFAULT_RECEIVER_NAMES, write_branch
-from dualrec_tools.provision import enroll_in_data_dir, provision
+from dualrec_tools.localbox import enroll_in_data_dir, provision
 from dualrec_tools.receiver.server import ReceiverConfig, ReceiverThread
 from dualrec_tools.receiver.store import ReceiverStore
 from helpers import wait_for

@@ -1,4 +1,4 @@
-"""`dualrec`: the gateway's command line (run, check-config, diag, chrony-conf,
+"""`dualrec`: the gateway's command line (run, check-config, enroll, diag, chrony-conf,
 config-doc)."""
 
 from __future__ import annotations
@@ -85,6 +85,53 @@ def config_doc() -> None:
     from dualrec.config_doc import render
 
     click.echo(render(), nl=False)
+
+
+@main.command()
+@SITE
+@click.option("--bundle", "bundle_path", type=click.Path(path_type=Path), default=None,
+              help="The provisioning bundle's enroll.json [default: beside --site].")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=600.0,
+              show_default=True,
+              help="Seconds to keep trying while the receiver cannot be reached.")
+def enroll(site_path: Path, bundle_path: Path | None, wait_s: float) -> None:
+    """First boot: make this box's signing and TLS keys here (0600), send a certificate request
+    with the bundle's one-time token to the receiver, write the certificate it issues.
+
+    Run it as the service user (runuser -u dualrec --), so the keys are the service's. Exit
+    status: 0 enrolled (or already), 1 refused by the receiver (a new bundle is needed), 75
+    receiver unreachable within --wait (try again later), 78 configuration or bundle problem.
+    """
+    from dualrec.enroll import (
+        BUNDLE_FILE,
+        EX_UNREACHABLE,
+        Bundle,
+        EnrollFailed,
+        Unreachable,
+    )
+    from dualrec.enroll import enroll as enroll_box
+    from dualrec.preflight import EX_CONFIG
+
+    try:
+        site = load_site(site_path)
+        bundle = Bundle.load(bundle_path or site_path.parent / BUNDLE_FILE)
+    except (ConfigError, EnrollFailed) as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(EX_CONFIG) from None
+    try:
+        done = enroll_box(site, bundle, wait_s=wait_s)
+    except Unreachable as exc:
+        click.echo(f"receiver unreachable: {exc}", err=True)
+        raise SystemExit(EX_UNREACHABLE) from None
+    except EnrollFailed as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(EX_CONFIG if not exc.word else 1) from None
+    except OSError as exc:
+        click.echo(f"cannot write the keys: {exc}", err=True)
+        raise SystemExit(EX_CONFIG) from None
+    state = "already enrolled" if done.already else "enrolled"
+    click.echo(f"{site.device.id}: {state}; certificate {done.cert} valid until "
+               f"{done.not_after:%Y-%m-%d}")
 
 
 @main.command()

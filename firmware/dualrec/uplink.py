@@ -30,6 +30,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from dualrec import renew
 from dualrec.config import UplinkSection
 from dualrec.ratelimit import Backoff, TokenBucket
 from dualrec.receipt import ReceiptError, verify_receipt
@@ -151,6 +152,11 @@ class Uplink:
                              name="uplink-headers", daemon=True),
             threading.Thread(target=self._loop, args=(self._send_payload, self._clients[1]),
                              name="uplink-payloads", daemon=True),
+            # Renews the client certificate before it runs out, into the same TLS context
+            # (renew.py); idle otherwise.
+            threading.Thread(target=renew.run, args=(self._stop, cfg, device_id, verify,
+                                                     transport),
+                             name="uplink-renew", daemon=True),
         ]
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`dualrec-tool`: the technician's and branch's command line.
 
-keys (device signing keys, branch age identities), verify (is a directory of segments complete
+keys (device signing keys, branch age identities), provision (a box's bundle), revoke (a
+device's certificate, through the receiver's admin API), verify (is a directory of segments complete
 and untouched), export (a session to a playable MKV with the operation log as subtitles, plus its
 records), sessions (what a spool holds). The work is done in verify.py and export.py; this module
 parses arguments, prints and sets the exit code.
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+import httpx
 
 from dualrec_tools.export import ExportError, export_session, load_identities
 from dualrec_tools.flash import flash_command
@@ -91,45 +93,90 @@ def keys_branch(directory: Path, name: str, hosts: tuple[str, ...], force: bool)
 # --- provision -------------------------------------------------------------------------------
 
 
+ADMIN_URL = click.option("--admin-url", default=None, envvar="DUALREC_ADMIN_URL",
+                         help="The receiver's admin API, e.g. http://127.0.0.1:8444 (through "
+                              "an SSH tunnel: it listens on loopback).")
+ADMIN_TOKEN = click.option("--admin-token-file", type=EXISTING_FILE, default=None,
+                           envvar="DUALREC_ADMIN_TOKEN_FILE",
+                           help="A file holding an admin token (dualrec-receiver admin-token).")
+
+
+def _admin_token(path: Path | None) -> str:
+    if path is None:
+        raise click.UsageError("--admin-token-file (or DUALREC_ADMIN_TOKEN_FILE) is needed")
+    return path.read_text().strip()
+
+
 @main.command()
 @click.option("--branch", "branch", type=EXISTING_DIR, required=True,
-              help="The branch key directory (dualrec-tool keys branch).")
+              help="The branch's public files: ca.crt, receipt.pub, branch.recipient (ca.key "
+                   "is not needed here; it stays on the receiver host).")
 @click.option("--id", "device_id", required=True, help="The new device's id.")
 @click.option("--receiver-url", required=True, help="https://HOST:PORT of the receiver.")
-@click.option("--out", type=DIRECTORY, required=True, help="Where the device's files go.")
+@click.option("--enroll-url", default=None,
+              help="https://HOST:PORT of its enrollment API [default: the receiver's host, "
+                   "port 8445].")
+@click.option("--out", type=DIRECTORY, required=True, help="Where the bundle goes.")
 @click.option("--oplog-port", default="", help="The teller terminal's serial port.")
 @click.option("--state-dir", default="/var/lib/dualrec", show_default=True,
-              help="The box's spool and chain state (the service's StateDirectory); an empty "
-                   "value keeps them next to site.toml.")
-@click.option("--enroll-admin", default=None, help="Enroll through the receiver's admin URL.")
-@click.option("--enroll-data", type=DIRECTORY, default=None,
-              help="Enroll into a receiver data directory on this machine.")
-@click.option("--force", is_flag=True, help="Replace an existing provisioning.")
-def provision(branch: Path, device_id: str, receiver_url: str, out: Path, oplog_port: str,
-              state_dir: str, enroll_admin: str | None, enroll_data: Path | None,
+              help="The box's spool, chain state and keys (the service's StateDirectory); an "
+                   "empty value keeps them next to site.toml.")
+@ADMIN_URL
+@ADMIN_TOKEN
+@click.option("--token-file", type=EXISTING_FILE, default=None,
+              help="An enrollment token made on the receiver host (dualrec-receiver "
+                   "enroll-token --out), instead of asking the admin API.")
+@click.option("--replace", is_flag=True,
+              help="The box replaces an enrolled device of that id (admin API only).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+def provision(branch: Path, device_id: str, receiver_url: str, enroll_url: str | None,
+              out: Path, oplog_port: str, state_dir: str, admin_url: str | None,
+              admin_token_file: Path | None, token_file: Path | None, replace: bool,
               force: bool) -> None:
-    """Create a device's identity and site config, and enroll it at the receiver."""
+    """Make a box's provisioning bundle: site config, branch CA, receipt key and a
+    single-use enrollment token for this device. No key is made here: the box makes its own
+    on its first boot (`dualrec enroll`)."""
+    import json
+
     from dualrec_tools import provision as prov
 
     try:
-        done = prov.provision(branch, device_id, receiver_url, out, oplog_port=oplog_port,
-                              state_dir=state_dir, force=force)
+        if token_file is not None:
+            token = json.loads(token_file.read_text())
+        elif admin_url:
+            token = prov.request_token(admin_url, _admin_token(admin_token_file), device_id,
+                                       replace=replace)
+        else:
+            raise click.UsageError("a token is needed: --admin-url with --admin-token-file, "
+                                   "or --token-file")
+        done = prov.make_bundle(branch, device_id, receiver_url, out, token,
+                                enroll_url=enroll_url, oplog_port=oplog_port,
+                                state_dir=state_dir, force=force)
     except KeyExists as exc:
         raise click.ClickException(str(exc)) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, prov.ProvisionError, httpx.HTTPError) as exc:
         raise click.ClickException(f"provisioning failed: {exc}") from None
-    click.echo(f"provisioned {device_id} in {out}/ (site config {done.site})")
+    click.echo(f"bundle for {device_id} in {out}/: {', '.join(prov.BUNDLE_FILES)} (site "
+               f"config {done.site}); the box enrolls on its first boot")
+
+
+@main.command()
+@click.argument("device")
+@ADMIN_URL
+@ADMIN_TOKEN
+@click.option("--reason", default="", help="Why (kept in the receiver's audit log).")
+def revoke(device: str, admin_url: str | None, admin_token_file: Path | None,
+           reason: str) -> None:
+    """Make the receiver refuse DEVICE's current certificate (a stolen or retired box)."""
+    from dualrec_tools import provision as prov
+
+    if not admin_url:
+        raise click.UsageError("--admin-url (or DUALREC_ADMIN_URL) is needed")
     try:
-        if enroll_admin:
-            prov.enroll_via_admin(enroll_admin, done, device_id)
-            click.echo(f"enrolled at {enroll_admin}")
-        elif enroll_data:
-            prov.enroll_in_data_dir(enroll_data, done, device_id)
-            click.echo(f"enrolled in {enroll_data}")
-        else:
-            click.echo("not enrolled: run dualrec-receiver enroll with device.pub and tls.crt")
-    except Exception as exc:
-        raise click.ClickException(f"enrollment failed: {exc}") from None
+        sha = prov.revoke(admin_url, _admin_token(admin_token_file), device, reason)
+    except (prov.ProvisionError, httpx.HTTPError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {device} (certificate sha256 {sha})")
 
 
 # --- verify, export, sessions ----------------------------------------------------------------

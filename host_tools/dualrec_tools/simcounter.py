@@ -1,12 +1,13 @@
 """`dualrec-sim`: the simulated counter, end to end (what `make run` runs).
 
-Makes the branch's keys, starts the branch receiver on loopback (a separate process), provisions
-and enrolls a device, starts the simulated teller terminal (a separate process behind a
-pseudo-terminal) and the gateway (a separate process, `dualrec run`, on the sim board), lets the
-teller work through a few transactions while segments flow to the receiver, stops everything
-cleanly, then verifies what the receiver holds, exports every session and measures the
-audio/video/log sync at the clapper instants. `Counter` is also the harness the end-to-end tests
-drive (kill -9, restart, receiver faults).
+Makes the branch's keys, starts the branch receiver on loopback (a separate process), makes the
+device's provisioning bundle with a token from the receiver's admin API and enrolls it the way a
+box does on its first boot (`dualrec enroll`, a separate process), starts the simulated teller
+terminal (a separate process behind a pseudo-terminal) and the gateway (a separate process,
+`dualrec run`, on the sim board), lets the teller work through a few transactions while segments
+flow to the receiver, stops everything cleanly, then verifies what the receiver holds, exports
+every session and measures the audio/video/log sync at the clapper instants. `Counter` is also
+the harness the end-to-end tests drive (kill -9, restart, receiver faults).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import click
 from dualrec.config import load_board
 from dualrec_tools.export import ExportError, export_session, load_identities
 from dualrec_tools.keys import DEFAULT_RECEIVER_NAMES, write_branch
-from dualrec_tools.provision import enroll_via_admin, provision
+from dualrec_tools.localbox import provision
+from dualrec_tools.provision import admin_headers, make_bundle, request_token
+from dualrec_tools.receiver.enrollment import EnrollmentBook
 from dualrec_tools.sync import SyncReport, measure_sync
 from dualrec_tools.verify import Report, load_device_key, verify_dir
 
@@ -43,6 +46,8 @@ class Counter:
     procs: list[subprocess.Popen] = field(default_factory=list)
     receiver_url: str = ""
     admin_url: str = ""
+    enroll_url: str = ""
+    admin_token: str = ""
 
     @property
     def branch(self) -> Path:
@@ -84,15 +89,26 @@ class Counter:
             shutil.rmtree(self.workdir)
         self.workdir.mkdir(parents=True)
         write_branch(self.branch, "sim-branch", DEFAULT_RECEIVER_NAMES, force=False)
-        url = "https://127.0.0.1:1"  # replaced below when a receiver runs
         if self.with_receiver:
             self.start_receiver()
-            url = self.receiver_url
-        done = provision(self.branch, DEVICE_ID, url, self.keys, oplog_port=str(self.link),
-                         bandwidth_bps=self.bandwidth_bps, site_extra=self.site_extra)
-        if self.with_receiver:
-            enroll_via_admin(self.admin_url, done, DEVICE_ID)
-        else:  # a box with no branch server: no [uplink] section at all
+            # The branch IT side: an admin token on the receiver host, a bundle with a
+            # single-use token; then the box's own first boot makes its keys and enrolls.
+            with EnrollmentBook(self.workdir / "receiver") as book:
+                self.admin_token = book.add_admin_token("dualrec-sim")
+            token = request_token(self.admin_url, self.admin_token, DEVICE_ID)
+            make_bundle(self.branch, DEVICE_ID, self.receiver_url, self.keys, token,
+                        enroll_url=self.enroll_url, oplog_port=str(self.link),
+                        bandwidth_bps=self.bandwidth_bps, site_extra=self.site_extra)
+            done = subprocess.run([sys.executable, "-m", "dualrec.cli", "enroll", "--site",
+                                   str(self.site), "--wait", "30"], capture_output=True,
+                                  text=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"dualrec enroll failed ({done.returncode}): "
+                                   f"{done.stderr.strip()}")
+            click.echo(f"  box: {done.stdout.strip()}")
+        else:  # a box with no branch server: keys made offline, no [uplink] section at all
+            provision(self.branch, DEVICE_ID, "https://127.0.0.1:1", self.keys,
+                      oplog_port=str(self.link), site_extra=self.site_extra)
             text = self.site.read_text()
             self.site.write_text(text[:text.index("[uplink]")] + self.site_extra)
 
@@ -102,7 +118,8 @@ class Counter:
         listen = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "dualrec_tools.receiver.cli", "serve",
                "--data", str(self.workdir / "receiver"), "--keys", str(self.branch),
-               "--listen", listen, "--admin-listen", "127.0.0.1:0"]
+               "--listen", listen, "--admin-listen", "127.0.0.1:0",
+               "--enroll-listen", "127.0.0.1:0"]
         log = (self.workdir / "receiver.log").open("a")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         self.procs.append(proc)
@@ -112,6 +129,7 @@ class Counter:
             proc.kill()
             raise RuntimeError(f"receiver did not start: {line!r}; see receiver.log")
         _, self.receiver_url, _, self.admin_url = line.split()
+        self.enroll_url = proc.stdout.readline().split()[1]  # ENROLL https://HOST:PORT
         self.receiver_proc = proc
         return proc
 
@@ -208,7 +226,8 @@ def _echo(proc: subprocess.Popen, log) -> None:
 def receiver_status(counter: Counter) -> dict:
     import httpx
 
-    r = httpx.get(f"{counter.admin_url}/admin/status", timeout=10)
+    r = httpx.get(f"{counter.admin_url}/admin/status", headers=admin_headers(counter.admin_token),
+                  timeout=10)
     r.raise_for_status()
     return r.json()
 

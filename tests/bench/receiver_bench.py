@@ -116,6 +116,10 @@ class Receiver:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT / "firmware"), str(ROOT / "host_tools")])}
         self.out = log.with_suffix(".stdout")
+        from dualrec_tools.receiver.enrollment import EnrollmentBook
+
+        with EnrollmentBook(data) as book:  # the admin API needs a token
+            self.auth = {"Authorization": f"Bearer {book.add_admin_token('bench')}"}
         with self.out.open("wb") as out, log.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dualrec_tools.receiver.cli", "serve", "--data",
@@ -311,7 +315,8 @@ def run_once(work: Path, keys: Path, boxes: list[Box], attackers: list[Box], *, 
         cpu = rx.proc_figures()[0] - cpu0
         for t in threads:
             t.join(1)
-        status = httpx.get(f"{rx.admin}/admin/status", timeout=10).json()["devices"]
+        status = httpx.get(f"{rx.admin}/admin/status", headers=rx.auth,
+                           timeout=10).json()["devices"]
         receipted = sum(status[b.name]["payloads"] for b in boxes)
         metrics = _metrics(rx.admin)
     finally:

@@ -61,7 +61,7 @@ from dualrec.spool import Spool
 from dualrec.timebase import Timebase
 from dualrec.uplink import Uplink, load_receipt_key
 from dualrec_tools.keys import DEFAULT_RECEIVER_NAMES, write_branch
-from dualrec_tools.provision import Provisioned, enroll_in_data_dir, provision
+from dualrec_tools.localbox import Provisioned, enroll_in_data_dir, provision
 
 from .clip import noise_pcm
 from .oplog_writer import bodies
@@ -238,13 +238,17 @@ class Receiver:
         self.data = data
         data.mkdir(parents=True)
         enroll_in_data_dir(data, setup.device, DEVICE)
+        from dualrec_tools.receiver.enrollment import EnrollmentBook
+
+        with EnrollmentBook(data) as book:  # the admin API needs a token
+            self.auth = {"Authorization": f"Bearer {book.add_admin_token('bench')}"}
         self.stdout = data.parent / f"{data.name}.stdout"
         self.stderr = data.parent / f"{data.name}.log"
         with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dualrec_tools.receiver.cli", "serve", "--data", str(data),
                  "--keys", str(setup.branch), "--listen", "127.0.0.1:0",
-                 "--admin-listen", "127.0.0.1:0"],
+                 "--admin-listen", "127.0.0.1:0", "--enroll-listen", "127.0.0.1:0"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=child_env())
         try:
             self.url, self.admin_url = self._wait_listening()
@@ -270,7 +274,7 @@ class Receiver:
         return _proc_cpu(self.proc.pid)
 
     def status(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.admin_url}/admin/status", timeout=10)
+        r = httpx.get(f"{self.admin_url}/admin/status", headers=self.auth, timeout=10)
         r.raise_for_status()
         st: dict[str, Any] = r.json()["devices"][DEVICE]
         return st

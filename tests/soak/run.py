@@ -61,7 +61,7 @@ from dualrec.spool import Spool  # noqa: E402
 from dualrec.timebase import Timebase  # noqa: E402
 from dualrec.uplink import Uplink  # noqa: E402
 from dualrec_tools.keys import DEFAULT_RECEIVER_NAMES, write_branch  # noqa: E402
-from dualrec_tools.provision import Provisioned, enroll_in_data_dir, provision  # noqa: E402
+from dualrec_tools.localbox import Provisioned, enroll_in_data_dir, provision  # noqa: E402
 from dualrec_tools.receiver.server import ReceiverConfig, ReceiverThread  # noqa: E402
 from dualrec_tools.receiver.store import ReceiverStore  # noqa: E402
 from dualrec_tools.simcounter import Counter, receiver_status  # noqa: E402

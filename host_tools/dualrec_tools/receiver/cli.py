@@ -1,4 +1,6 @@
-"""`dualrec-receiver`: run the branch receiver, enroll a device, print what it holds."""
+"""`dualrec-receiver`: run the branch receiver, enroll a device, print what it holds; make
+admin and enrollment tokens and revoke a device's certificate on the receiver host
+(enroll_cli.py)."""
 
 from __future__ import annotations
 
@@ -59,11 +61,15 @@ def main() -> None:
                    "keep everything].")
 @click.option("--webhook", default=None, metavar="URL",
               help="POST alert transitions as JSON to URL (sites without Prometheus).")
+@click.option("--enroll-listen", default="127.0.0.1:8445", show_default=True,
+              help="HOST:PORT of the enrollment API (TLS, no client certificate; on only when "
+                   "--keys holds ca.key). Boxes reach it on their first boot.")
 def serve_cmd(data_dir: Path, keys_dir: Path, listen: str, admin_listen: str,
               max_payload_mb: int, receiver_id: str | None, limit_args: tuple[str, ...],
               metrics_listen: str | None, log_file: Path | None, keep_days: float | None,
-              webhook: str | None) -> None:
-    """Serve until SIGTERM; print LISTENING https://HOST:PORT admin http://HOST:PORT."""
+              webhook: str | None, enroll_listen: str) -> None:
+    """Serve until SIGTERM; print LISTENING https://HOST:PORT admin http://HOST:PORT, then
+    ENROLL https://HOST:PORT."""
     os.umask(0o027)  # segments, receiver.db, logs: never world-readable
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:  # bounded on disk whatever arrives
@@ -77,13 +83,15 @@ def serve_cmd(data_dir: Path, keys_dir: Path, listen: str, admin_listen: str,
     host, port = _hostport(listen)
     admin_host, admin_port = _hostport(admin_listen)
     metrics_host, metrics_port = _hostport(metrics_listen) if metrics_listen else (None, 0)
+    enroll_host, enroll_port = _hostport(enroll_listen)
     config = ReceiverConfig(data_dir=data_dir, keys_dir=keys_dir, host=host, port=port,
                             admin_host=admin_host, admin_port=admin_port,
                             max_payload=max_payload_mb * 1024 * 1024, receiver_id=receiver_id,
                             limits=parse_limits(limit_args), metrics_host=metrics_host,
                             metrics_port=metrics_port,
                             alerts=AlertConfig(webhook) if webhook else None,
-                            retention=RetentionPolicy(keep_days) if keep_days else None)
+                            retention=RetentionPolicy(keep_days) if keep_days else None,
+                            enroll_host=enroll_host, enroll_port=enroll_port)
     try:
         serve(config)
     except LimitError as exc:
@@ -114,22 +122,46 @@ def parse_limits(args: tuple[str, ...]) -> Limits:
               help="The device's Ed25519 public key (device.pub).")
 @click.option("--cert", required=True, type=click.Path(exists=True, path_type=Path),
               help="The device's TLS client certificate (CN = device id).")
+@click.option("--keys", "keys_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The receiver's keys (ca.crt): the certificate must be one its CA issued.")
 @click.option("--replace", is_flag=True, help="Replace the keys of an enrolled device.")
-def enroll(data_dir: Path, device_id: str, signing_key: Path, cert: Path, replace: bool) -> None:
-    """Enroll a device (works while the receiver runs)."""
+def enroll(data_dir: Path, device_id: str, signing_key: Path, cert: Path, keys_dir: Path,
+           replace: bool) -> None:
+    """Enroll a device by hand (works while the receiver runs); boxes normally enroll
+    themselves with a token (`enroll-token`, then `dualrec enroll` on the box)."""
+    from dualrec_tools.receiver.enrollment import EnrollmentBook, EnrollRefused, Issuer
+
     try:
         key = load_device_key(signing_key)
     except KeyFileError as exc:
         raise click.ClickException(str(exc)) from None
     if key.device is not None and key.device != device_id:
         raise click.ClickException(f"{signing_key} is the key of {key.device}, not {device_id}")
-    with ReceiverStore(data_dir) as store:
+    with ReceiverStore(data_dir) as store, EnrollmentBook(data_dir) as book:
         try:
+            checked = Issuer.from_keys_dir(keys_dir).check_client_cert(cert.read_bytes(),
+                                                                       device_id)
+            old = store.device(device_id)
             device = store.enroll(device_id, signing_key.read_bytes(), cert.read_bytes(),
                                   replace=replace)
-        except EnrollError as exc:
+        except (EnrollError, EnrollRefused) as exc:
             raise click.ClickException(str(exc)) from None
+        if old is None or old.cert_sha256 != device.cert_sha256 or \
+                old.signing_key_pem != device.signing_key_pem:
+            book.audit.write(f"cli:{_user()}", "enroll" if old is None else "replace",
+                             device_id, device.cert_sha256,
+                             f"by hand, certificate until {checked.not_valid_after_utc:%Y-%m-%d}")
     click.echo(f"enrolled {device.id} (certificate sha256 {device.cert_sha256})")
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 @main.command()
@@ -185,6 +217,10 @@ def status(data_dir: Path, as_json: bool) -> None:
         for line in _describe(st):
             click.echo(line)
 
+
+from dualrec_tools.receiver.enroll_cli import register  # noqa: E402  (needs main above)
+
+register(main, DATA, _user)
 
 if __name__ == "__main__":
     main()

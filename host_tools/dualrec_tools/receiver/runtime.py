@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from dualrec_tools.pki import device_id_of
-from dualrec_tools.receiver import extras
+from dualrec_tools.receiver import enroll_http, extras
 from dualrec_tools.receiver.alerts import AlertConfig
+from dualrec_tools.receiver.enrollment import CERT_DAYS, EnrollmentBook, Issuer
 from dualrec_tools.receiver.guard import Guard, GuardedSite
 from dualrec_tools.receiver.limits import Limits, check_nofile
 from dualrec_tools.receiver.ratelog import RateLimitedLog, RateLimitFilter
@@ -57,6 +58,11 @@ class ReceiverConfig:
     metrics_port: int = 9464
     alerts: AlertConfig | None = None  # the webhook sender (alerts.py); None: off
     retention: RetentionPolicy | None = None  # None: keep everything (retention.py)
+    # The enrollment listener (TLS, no client certificate: POST /v1/enroll); it runs only when
+    # keys_dir holds ca.key, the issuing CA (enroll_http.py).
+    enroll_host: str = "127.0.0.1"
+    enroll_port: int | None = None  # None: 8445, or any free port when `port` is 0 (tests)
+    cert_days: int = CERT_DAYS  # validity of the client certificates issued
 
 
 def load_receipt_key(path: Path) -> Ed25519PrivateKey:
@@ -80,6 +86,8 @@ class RunningReceiver:
     events: RateLimitedLog
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics_url: str | None = None
+    enroll_url: str | None = None  # https://HOST:PORT of POST /v1/enroll (None: no ca.key)
+    book: EnrollmentBook | None = None
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -87,6 +95,8 @@ class RunningReceiver:
         for runner in self.runners:
             await runner.cleanup()
         self.store.close()
+        if self.book is not None:
+            self.book.close()
 
 
 def _loop_errors(events: RateLimitedLog) -> Callable[[asyncio.AbstractEventLoop, dict], None]:
@@ -108,6 +118,12 @@ async def _every_second(guard: Guard, events: RateLimitedLog) -> None:
         events.flush()
 
 
+def _enroll_port(config: ReceiverConfig) -> int:
+    if config.enroll_port is not None:
+        return config.enroll_port
+    return 0 if config.port == 0 else 8445
+
+
 async def start_receiver(config: ReceiverConfig) -> RunningReceiver:
     limits = config.limits
     check_nofile(limits)  # LimitError: one line, before anything listens
@@ -120,6 +136,8 @@ async def start_receiver(config: ReceiverConfig) -> RunningReceiver:
     for stale in store.remove_stale_temp():
         log.info("removed %s, an upload cut off by a stop", stale)
     events = RateLimitedLog(log, limits.log_interval_s)
+    book = EnrollmentBook(config.data_dir)
+    issuer = Issuer.from_keys_dir(keys, config.cert_days)
     http_log = logging.getLogger(f"aiohttp.server.{receiver_id}.{id(events):x}")
     http_log.addFilter(RateLimitFilter(events))
     loop = asyncio.get_running_loop()
@@ -136,12 +154,13 @@ async def start_receiver(config: ReceiverConfig) -> RunningReceiver:
                         "max_headers": limits.max_headers, "lingering_time": 2.0}
         # The guard makes aiohttp's request handlers through the runner (set up just below).
         guard = Guard(limits, ssl_ctx, lambda: runner.server(), events)  # type: ignore[misc]
-        runner = web.AppRunner(make_app(store, config.max_payload, limits, events, guard),
-                               shutdown_timeout=config.shutdown_timeout, **handler_args)
+        upload_app = make_app(store, config.max_payload, limits, events, guard)
+        admin_app = make_admin_app(store, limits, events)
+        enroll_http.install(upload_app, admin_app, store, book, issuer, guard, limits)
+        runner = web.AppRunner(upload_app, shutdown_timeout=config.shutdown_timeout, **handler_args)
         await runner.setup()
         runners.append(runner)
         await GuardedSite(runner, config.host, config.port, guard).start()
-        admin_app = make_admin_app(store, limits, events)
         running_extras = extras.install(admin_app, store, guard, config, events,
                                         load_receipt_key(keys / "receipt.key"))
         admin = web.AppRunner(admin_app, shutdown_timeout=config.shutdown_timeout,
@@ -157,16 +176,27 @@ async def start_receiver(config: ReceiverConfig) -> RunningReceiver:
             await web.TCPSite(mrunner, config.metrics_host, config.metrics_port).start()
             metrics_url = _url("http", config.metrics_host, mrunner.addresses[0][1]) + \
                 "/metrics"
+        enroll_url, enroll_guard = None, None
+        if issuer.can_issue:
+            erunner, enroll_guard, eport = await enroll_http.start_listener(
+                keys, config.enroll_host, _enroll_port(config), store, book, issuer, guard,
+                limits, events, config.shutdown_timeout)
+            runners.append(erunner)
+            enroll_url = _url("https", config.enroll_host, eport)
     except BaseException:
         for r in runners:
             await r.cleanup()
         store.close()
+        book.close()
         raise
     main, admin_port = (r.addresses[0][1] for r in runners[:2])
     running = RunningReceiver(store, _url("https", config.host, main),
                               _url("http", config.admin_host, admin_port), runners, guard,
-                              events, metrics_url=metrics_url)
+                              events, metrics_url=metrics_url, enroll_url=enroll_url,
+                              book=book)
     running.tasks.append(loop.create_task(_every_second(guard, events)))
+    if enroll_guard is not None:
+        running.tasks.append(loop.create_task(_every_second(enroll_guard, events)))
     running.tasks.extend(loop.create_task(t) for t in running_extras)
     log.info("receiver %s listening on %s, admin %s", receiver_id, running.url,
              running.admin_url)
@@ -185,6 +215,8 @@ async def _serve(config: ReceiverConfig, out: TextIO) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"LISTENING {running.url} admin {running.admin_url}", file=out, flush=True)
+    # A line of its own: readers of the LISTENING line expect exactly its four words.
+    print(f"ENROLL {running.enroll_url or 'off (no ca.key)'}", file=out, flush=True)
     try:
         await stop.wait()
     finally:
@@ -233,6 +265,15 @@ class ReceiverThread:
     @property
     def store(self) -> ReceiverStore:
         return self.running.store
+
+    @property
+    def enroll_url(self) -> str | None:
+        return self.running.enroll_url
+
+    @property
+    def book(self) -> EnrollmentBook:
+        assert self.running.book is not None
+        return self.running.book
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._running is not None:

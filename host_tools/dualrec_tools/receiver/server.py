@@ -26,14 +26,13 @@ from cryptography import x509
 
 from dualrec_tools.pki import device_id_of
 from dualrec_tools.receiver import safejson
+from dualrec_tools.receiver.admin_auth import BOOK, admin_only
 from dualrec_tools.receiver.bodies import RateCheck, TooLarge, TooSlow, read_body
 from dualrec_tools.receiver.guard import Guard, GuardStats
 from dualrec_tools.receiver.limits import Limits
 from dualrec_tools.receiver.ratelog import RateLimitedLog
 from dualrec_tools.receiver.store import (
     DEVICE_ID,
-    EnrollConflict,
-    EnrollError,
     Outcome,
     ReceiverStore,
     cert_fingerprint,
@@ -43,7 +42,6 @@ from dualrec_tools.receiver.store import (
 log = logging.getLogger("dualrec.receiver")
 
 HEADER_MAX = 64 * 1024
-ENROLL_MAX = 64 * 1024
 DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
 CHUNK = 64 * 1024
 # A payload upload that sends nothing for this long is abandoned (its worker thread freed).
@@ -57,6 +55,7 @@ STATUS = {
     "malformed": 400, "seq_mismatch": 400, "bad_seq": 400, "bad_request": 400,
     "incomplete": 400,
     "unknown_device": 403, "device_mismatch": 403, "cert_mismatch": 403, "bad_signature": 403,
+    "revoked": 403,
     "not_stored": 404,
     "fork": 409, "bad_link": 409, "header_first": 409,
     "too_slow": 408, "busy": 429, "uri_too_long": 414, "bad_device": 400,
@@ -170,6 +169,9 @@ async def _authenticate(request: web.Request) -> str | web.Response:
             problem = "unknown_device", "device is not enrolled"
         elif device.cert_sha256 != cert_fingerprint(der):
             problem = "cert_mismatch", "client certificate is not the one enrolled"
+        elif (book := request.app.get(BOOK)) is not None and \
+                await asyncio.to_thread(book.is_revoked, device.cert_sha256):
+            problem = "revoked", "client certificate was revoked (dualrec-tool revoke)"
     if problem:
         await asyncio.to_thread(store.record_problem, cn, seq, *problem)
         return refuse(request, cn, seq, *problem)
@@ -369,32 +371,6 @@ async def admin_status(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[STORE].status_all))
 
 
-async def admin_enroll(request: web.Request) -> web.Response:
-    try:
-        body = safejson.loads(await read_body(request.content, ENROLL_MAX, request.app[LIMITS]),
-                              request.app[LIMITS].json_max_depth,
-                              request.app[LIMITS].json_max_number)
-        device, key, cert = body["device"], body["signing_key_pem"], body["cert_pem"]
-        replace = bool(body.get("replace", False))
-        if not all(isinstance(v, str) for v in (device, key, cert)):
-            raise TypeError("device, signing_key_pem and cert_pem must be strings")
-    except (TooSlow, TooLarge) as exc:
-        return refuse(request, "-", "-", "bad_request", str(exc))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        return refuse(request, "-", "-", "bad_request", f"enroll needs JSON {{device, "
-                      f"signing_key_pem, cert_pem[, replace]}}: {exc!r}")
-    try:
-        enrolled = await asyncio.to_thread(request.app[STORE].enroll, device, key.encode(),
-                                           cert.encode(), replace=replace)
-    except EnrollConflict as exc:
-        return refuse(request, device, "-", "conflict", str(exc), 409)
-    except EnrollError as exc:
-        return refuse(request, device, "-", "bad_request", str(exc))
-    log.info("enrolled device=%s cert_sha256=%s", enrolled.id, enrolled.cert_sha256)
-    return web.json_response({"device": enrolled.id, "cert_sha256": enrolled.cert_sha256,
-                              "enrolled_utc_ns": enrolled.enrolled_at})
-
-
 def make_app(store: ReceiverStore, max_payload: int = DEFAULT_MAX_PAYLOAD,
              limits: Limits | None = None, events: RateLimitedLog | None = None,
              guard: Guard | None = None) -> web.Application:
@@ -428,12 +404,13 @@ def make_app(store: ReceiverStore, max_payload: int = DEFAULT_MAX_PAYLOAD,
 def make_admin_app(store: ReceiverStore, limits: Limits | None = None,
                    events: RateLimitedLog | None = None) -> web.Application:
     limits = limits or Limits()
-    app = web.Application(middlewares=[request_limits, json_errors])
+    # admin_only: every /admin/ route needs an admin token, JSON bodies, no foreign Origin
+    # (admin_auth.py); the enrollment, token and revocation routes are in enroll_http.py.
+    app = web.Application(middlewares=[request_limits, json_errors, admin_only])
     app[STORE] = store
     app[LIMITS] = limits
     app[EVENTS] = events or RateLimitedLog(log, limits.log_interval_s)
     app.router.add_get("/admin/status", admin_status)
-    app.router.add_post("/admin/devices", admin_enroll)
     return app
 
 
