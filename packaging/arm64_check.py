@@ -5,8 +5,8 @@
    dependencies; built once into build/arm64-root and reused.
 2. The .deb installed with dpkg inside that root with no network at all (unshare --net): the
    postinst builds /opt/dualrec/venv from the shipped wheels only.
-3. A bundle made by `dualrec-tool provision` (as on the technician's PC) put into /etc/dualrec as
-   the first-boot script does; the sim board as board.toml.
+3. A device key and a site config (dualrec-tool keys; no receiver, so no enrollment and no
+   uplink) put into /etc/dualrec as the first-boot script does; the sim board as board.toml.
 4. `dualrec check-config` and `dualrec diag` as the service user, then `dualrec run` for 10 s,
    stopped with SIGTERM as systemd would; the spool is listed afterwards.
 
@@ -33,6 +33,9 @@ INCLUDE = ["python3", "python3-venv", "python3-numpy", "systemd", "init-system-h
            "ca-certificates"]
 TOOL = ROOT / ".venv" / "bin" / "dualrec-tool"
 RUN_SECONDS = 10
+# The simulated teller terminal (dualrec.sim.terminal, from the box's own venv) writes its
+# transactions into a pty; the site's [oplog] port is this link to it.
+TTY_LINK = "/tmp/dualrec-tty"
 VENV_BIN = "/opt/dualrec/venv/bin"
 
 
@@ -94,6 +97,20 @@ def build_root() -> None:
     stamp.write_text("ok\n")
 
 
+def start_terminal() -> subprocess.Popen[str]:
+    """The simulated teller terminal, as the service user, on TTY_LINK; its script starts when
+    a reader opens the link."""
+    terminal = subprocess.Popen(
+        chroot("setpriv", "--reuid=dualrec", "--regid=dualrec", "--init-groups",
+               f"{VENV_BIN}/python", "-m", "dualrec.sim.terminal", "--link", TTY_LINK,
+               "--duration-s", str(RUN_SECONDS), "--transactions", "2", "--clap-period-ms",
+               "7000", "--wait-reader-s", "300"),
+        env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert terminal.stdout is not None
+    print(f"simulated teller terminal: {terminal.stdout.readline().strip()}", flush=True)
+    return terminal
+
+
 def record(args: list[str]) -> None:
     """`dualrec run` as the service user, for RUN_SECONDS after it says READY=1 (sd_notify, on
     a socket inside the root, as systemd would listen), then SIGTERM, as systemd stops it."""
@@ -104,6 +121,7 @@ def record(args: list[str]) -> None:
                  f"{VENV_BIN}/dualrec", "run", *args)
     print(f"\n== dualrec run on the sim board, {RUN_SECONDS} s from READY=1, then SIGTERM\n$ "
           + " ".join(cmd), flush=True)
+    terminal = start_terminal()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
         os.chmod(sock_path, 0o666)
@@ -124,6 +142,8 @@ def record(args: list[str]) -> None:
         proc.send_signal(signal.SIGTERM)
         stopping = time.monotonic()
         out, _ = proc.communicate(timeout=180)
+    terminal.terminate()
+    terminal.wait(timeout=60)
     lines = out.strip().splitlines()
     print("\n".join(lines[-30:]) if lines else "(no output)")
     recorded = 0.0 if ready_at is None else stopping - ready_at
@@ -148,16 +168,33 @@ def main() -> int:
     shutil.copyfile(deb, CHROOT / "tmp" / deb.name)
     bundle = CHROOT / "tmp" / "bundle"
     shutil.rmtree(bundle, ignore_errors=True)
-    step("provision a bundle on this PC (dualrec-tool)",
-         [str(TOOL), "keys", "branch", str(CHROOT / "tmp" / "branch"), "--name", "arm64"],
-         check=False)
-    step("provision", [str(TOOL), "provision", "--branch", str(CHROOT / "tmp" / "branch"),
-                       "--id", "arm64-sim", "--receiver-url", "https://127.0.0.1:8443",
-                       "--out", str(bundle), "--oplog-port", "loop://", "--force"])
+    shutil.rmtree(CHROOT / "tmp" / "branch", ignore_errors=True)
+    # The bundle: a device key and a site config as the box uses them, made with dualrec-tool's
+    # key commands (no receiver here, so no enrollment and no [uplink]: the box spools).
+    step("a device key (dualrec-tool keys device)",
+         [str(TOOL), "keys", "device", str(bundle), "--id", "arm64-sim"])
+    step("the branch's age recipient (dualrec-tool keys branch)",
+         [str(TOOL), "keys", "branch", str(CHROOT / "tmp" / "branch"), "--name", "arm64"])
+    recipient = (CHROOT / "tmp" / "branch" / "branch.recipient").read_text().split()[-1]
+    (bundle / "site.toml").write_text(f"""[device]
+id = "arm64-sim"
+key = "device.key"
+
+[oplog]
+port = "{TTY_LINK}"
+
+[seal]
+recipients = ["{recipient}"]
+
+[spool]
+dir = "/var/lib/dualrec/spool"
+state = "/var/lib/dualrec/state/state.db"
+""")
     with mounted(CHROOT):
         step("dpkg -i, no network (unshare --net): the postinst builds the venv from wheels",
              chroot("dpkg", "-i", f"/tmp/{deb.name}"), timeout=3600)
         step("put the bundle into /etc/dualrec as firstboot.sh does", chroot("sh", "-c", (
+            "find /etc/dualrec -maxdepth 1 -type f -delete && "  # a previous run's files
             "cp -R /tmp/bundle/. /etc/dualrec/ && chown -R root:dualrec /etc/dualrec && "
             "chmod 0640 /etc/dualrec/*.* && "
             "cp /etc/dualrec/boards/sim.toml /etc/dualrec/board.toml && ls -l /etc/dualrec && "
@@ -170,9 +207,12 @@ def main() -> int:
         step("dualrec check-config (as the service user)",
              chroot("runuser", "-u", "dualrec", "--", f"{VENV_BIN}/dualrec", "check-config",
                     *args), check=False, timeout=600)
-        step("dualrec diag (as the service user)",
+        terminal = start_terminal()
+        step("dualrec diag (as the service user), the simulated terminal writing",
              chroot("runuser", "-u", "dualrec", "--", f"{VENV_BIN}/dualrec", "diag", *args),
              check=False, timeout=600)
+        terminal.terminate()
+        terminal.wait(timeout=60)
         record(args)
         step("what the gateway left in the spool and state", chroot(
             "sh", "-c", "find /var/lib/dualrec -type f -printf '%M %u %s %p\\n' | sort"),
