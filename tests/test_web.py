@@ -220,6 +220,7 @@ def test_dashboard_lists_boxes_and_a_silent_box_turns_red(world: World, browser:
     assert "Counter 1" in text and "0.1.0" in text and "not reported" in text
     # the camera fault sealed in an idle segment, its number masked
     assert "camera: no frames 6217 **** **** 4210" in text
+    _no_numbers("dashboard in Chromium", browser.page_source)
     browser.save_screenshot(str(shots / "dashboard-silent.png"))
     print(f"silent box red after {elapsed:.1f} s (alert interval {ALERT_S} s)")
 
@@ -239,6 +240,7 @@ def test_sessions_listed_and_filtered(world: World, browser: Any, shots: Path) -
     assert "T1001" in table and "T07" in table and "open_account" in table
     assert "incomplete: id_check" in table and "verified" in table
     assert "UTC" in table and "CST" in table  # local (Asia/Shanghai) and UTC starts
+    _no_numbers("session list in Chromium", browser.page_source)
     browser.save_screenshot(str(shots / "sessions.png"))
     assert listed("?txn=T1002") == [world.session_b]
     assert listed("?teller=t07") == [world.session_a]
@@ -257,9 +259,32 @@ def _log_state(browser: Any) -> dict[str, Any]:
         const v = document.getElementById('video');
         const log = document.getElementById('log');
         const cur = log.querySelector('li.current');
-        return {t: v.currentTime, paused: v.paused, ready: v.readyState,
+        return {t: v.currentTime, paused: v.paused, ready: v.readyState, seeking: v.seeking,
                 current: cur ? cur.id : null, current_t: cur ? Number(cur.dataset.t) : null,
                 times: Array.from(log.querySelectorAll('li')).map(li => Number(li.dataset.t))};
+    """)
+
+
+def world_claps() -> list[float]:
+    from test_verify import CLAPS_A, NS
+
+    return [c / NS for c in CLAPS_A]
+
+
+def _brightness(browser: Any) -> float:
+    """Mean grey level of the middle of the frame on screen (the watermark is in the corners)."""
+    return browser.execute_script("""
+        const v = document.getElementById('video');
+        const c = document.createElement('canvas');
+        c.width = v.videoWidth; c.height = v.videoHeight;
+        const g = c.getContext('2d');
+        g.drawImage(v, 0, 0);
+        const w = Math.floor(c.width / 4), h = Math.floor(c.height / 4);
+        const d = g.getImageData(Math.floor(c.width / 2 - w / 2), Math.floor(c.height / 2 - h / 2),
+                                 w, h).data;
+        let sum = 0;
+        for (let i = 0; i < d.length; i += 4) sum += (d[i] + d[i + 1] + d[i + 2]) / 3;
+        return sum / (d.length / 4);
     """)
 
 
@@ -291,19 +316,34 @@ def test_session_plays_seeks_and_follows_the_log(world: World, browser: Any,
     browser.execute_script("document.getElementById('video').pause()")
     # a click on a line seeks to its stamp (within one frame) and highlights it
     lines = browser.find_elements(By.CSS_SELECTOR, "#log li")
+    errors: list[float] = []
     for li in (lines[7], lines[2], lines[-3]):
         stamp = float(li.get_attribute("data-t"))
         li.click()
-        wait(lambda s=stamp: abs(_log_state(browser)["t"] - s) <= FRAME_S, 5, "the seek")
-        state = _log_state(browser)
+        # read back once the seek has completed (the frame at the stamp is decoded)
+        state = wait(lambda s=stamp: (lambda st: st if abs(st["t"] - s) <= FRAME_S
+                                      and not st["seeking"] else None)(_log_state(browser)),
+                     5, "the seek")
         assert abs(state["t"] - stamp) <= FRAME_S
         assert state["current_t"] == stamp
-        assert not browser.execute_script("return document.getElementById('video').seeking")
-    # the line at the clapper's stamp: MARK 2 at 2.7 s
-    mark = next(li for li in lines if "MARK 2" in li.text)
-    mark.click()
-    wait(lambda: abs(_log_state(browser)["t"] - 2.7) <= FRAME_S, 5, "the seek to MARK 2")
+        errors.append(abs(state["t"] - stamp))
+    # the picture agrees: a MARK line's stamp is a clapper instant, whose frame is white (the
+    # recording's other frames are at most grey 119); the frame shown after the click is read
+    # back through a canvas
+    for n, clap in enumerate(world_claps(), 1):
+        mark = next(li for li in lines if f"MARK {n} " in li.text)
+        mark.click()
+        wait(lambda c=clap: abs(_log_state(browser)["t"] - c) <= FRAME_S
+             and not _log_state(browser)["seeking"], 5, f"the seek to MARK {n}")
+        assert _brightness(browser) > 200, f"MARK {n}: the frame shown is not the clapper's"
+        lines[0].click()  # 0.4 s: an ordinary frame
+        wait(lambda: not _log_state(browser)["seeking"], 5, "the seek to line 1")
+        assert _brightness(browser) < 150
+    next(li for li in lines if "MARK 2 " in li.text).click()
+    wait(lambda: not _log_state(browser)["seeking"], 5, "the seek to MARK 2")
     browser.save_screenshot(str(shots / "session-seek.png"))
+    print(f"seek error read back from currentTime: max {max(errors) * 1000:.3f} ms "
+          f"(one frame {FRAME_S * 1000:.0f} ms); highlight seen on {len(seen)} lines")
     # events on the timeline, placed once the duration is known
     marks = browser.find_elements(By.CSS_SELECTOR, "#timeline .mark")
     assert {m.text for m in marks} >= {"pre-roll start", "stop"}
