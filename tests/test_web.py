@@ -271,21 +271,32 @@ def world_claps() -> list[float]:
     return [c / NS for c in CLAPS_A]
 
 
+_REGION = """
+    const v = document.getElementById('video');
+    const c = document.createElement('canvas');
+    c.width = v.videoWidth; c.height = v.videoHeight;
+    const g = c.getContext('2d');
+    g.drawImage(v, 0, 0);
+    const [x, y, w, h] = arguments[0].map((f, i) => Math.floor(f * (i % 2 ? c.height : c.width)));
+    const d = g.getImageData(x, y, w, h).data;
+    const grey = [];
+    for (let i = 0; i < d.length; i += 4) grey.push((d[i] + d[i + 1] + d[i + 2]) / 3);
+    const mean = grey.reduce((a, b) => a + b, 0) / grey.length;
+    const sd = Math.sqrt(grey.reduce((a, b) => a + (b - mean) ** 2, 0) / grey.length);
+    return [mean, sd];
+"""
+
+
+def _region(browser: Any, x: float, y: float, w: float, h: float) -> tuple[float, float]:
+    """Mean and standard deviation of the grey level of a part of the frame on screen
+    (fractions of its width and height)."""
+    mean, sd = browser.execute_script(_REGION, [x, y, w, h])
+    return mean, sd
+
+
 def _brightness(browser: Any) -> float:
-    """Mean grey level of the middle of the frame on screen (the watermark is in the corners)."""
-    return browser.execute_script("""
-        const v = document.getElementById('video');
-        const c = document.createElement('canvas');
-        c.width = v.videoWidth; c.height = v.videoHeight;
-        const g = c.getContext('2d');
-        g.drawImage(v, 0, 0);
-        const w = Math.floor(c.width / 4), h = Math.floor(c.height / 4);
-        const d = g.getImageData(Math.floor(c.width / 2 - w / 2), Math.floor(c.height / 2 - h / 2),
-                                 w, h).data;
-        let sum = 0;
-        for (let i = 0; i < d.length; i += 4) sum += (d[i] + d[i + 1] + d[i + 2]) / 3;
-        return sum / (d.length / 4);
-    """)
+    """Mean grey level of the middle of the frame (the watermark is in the corners)."""
+    return _region(browser, 0.375, 0.375, 0.25, 0.25)[0]
 
 
 def test_session_plays_seeks_and_follows_the_log(world: World, browser: Any,
@@ -339,6 +350,11 @@ def test_session_plays_seeks_and_follows_the_log(world: World, browser: Any,
         lines[0].click()  # 0.4 s: an ordinary frame
         wait(lambda: not _log_state(browser)["seeking"], 5, "the seek to line 1")
         assert _brightness(browser) < 150
+    # the watermark is burned into the picture: text in the top left corner of every frame
+    # (the recording's frames are one flat grey), nothing in the middle
+    _, corner_sd = _region(browser, 0.0, 0.0, 0.6, 0.2)
+    _, middle_sd = _region(browser, 0.375, 0.375, 0.25, 0.25)
+    assert corner_sd > 20 and middle_sd < 5, (corner_sd, middle_sd)
     next(li for li in lines if "MARK 2 " in li.text).click()
     wait(lambda: not _log_state(browser)["seeking"], 5, "the seek to MARK 2")
     browser.save_screenshot(str(shots / "session-seek.png"))
