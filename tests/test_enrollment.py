@@ -274,3 +274,26 @@ def test_dualrec_enroll_command(world: World) -> None:
                                               .replace(DEV, DEV2))
     refused = run(box_cli, ["enroll", "--site", str(other), "--wait", "0"])
     assert refused.exit_code == 1 and "token_used" in refused.output
+
+
+def test_a_box_not_yet_enrolled_records_to_its_spool(world: World) -> None:
+    """`dualrec enroll` could not reach the receiver on the first boot: `dualrec run` runs and
+    records anyway (keys made, no certificate); the uplink waits for the certificate."""
+    import subprocess
+    import sys
+
+    from dualrec.enroll import signing_key
+
+    site_path = world.bundle("offline", world.mint())
+    site_path.write_text(site_path.read_text().replace('port = ""', 'port = "loop://"'))
+    site = load_site(site_path)
+    signing_key(site.device.key, DEV)  # what enroll does before it contacts the receiver
+    board = Path(__file__).resolve().parents[1] / "boards" / "sim.toml"
+    done = subprocess.run([sys.executable, "-m", "dualrec.cli", "run", "--board", str(board),
+                           "--site", str(site_path), "--duration", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "not enrolled yet" in done.stderr
+    # It ran its recording for the whole duration and stopped in order (a gateway that could
+    # not start exits non-zero at once, with a traceback or one line).
+    assert "Traceback" not in done.stderr and done.stdout.startswith("sealed ")

@@ -207,7 +207,13 @@ class Gateway:
                                 site.spool.min_free_mb * 2**20)
         self._next_quota_check = 0
         self.uplink = None
-        if site.uplink is not None:
+        if site.uplink is not None and not site.uplink.cert.exists():
+            # Not enrolled yet (`dualrec enroll` could not reach the receiver on the first
+            # boot): record anyway, segments wait in the spool; the uplink starts with the
+            # first run after enrollment wrote the certificate.
+            log.error("no client certificate at %s: not enrolled yet (dualrec enroll); "
+                      "recording to the spool only", site.uplink.cert)
+        elif site.uplink is not None:
             from dualrec.uplink import Uplink
 
             self.uplink = Uplink(self.spool, site.uplink, site.device.id, self.q.put,
@@ -297,8 +303,10 @@ class Gateway:
             log.warning("chain state lost: resumed after seq %d from the spool", ev.detail["seq"])
             return ev
         uplink = self.site.uplink
-        if uplink is None:
-            return None  # nothing sealed anywhere else: a new chain from genesis is the chain
+        if uplink is None or not uplink.cert.exists():
+            # nothing sealed anywhere else (no receiver, or never enrolled with one): a new
+            # chain from genesis is the chain
+            return None
         self.sealer.hold("chain state lost: asking the receiver for this device's newest segment")
         # what the answer puts on record is dated now, before anything recorded meanwhile
         self._resume_t0 = time.monotonic_ns()

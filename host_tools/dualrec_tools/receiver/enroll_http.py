@@ -185,6 +185,9 @@ async def admin_mint(request: web.Request) -> web.Response:
         if not DEVICE_ID.match(device) or not isinstance(ttl, int) or \
                 not isinstance(replace, bool):
             raise EnrollRefused("bad_request", "{device, ttl_s (int), replace (bool)}", 400)
+        if not app[ISSUER].can_issue:  # a token nobody could redeem
+            raise EnrollRefused("no_issuer", "this receiver holds no issuing CA (ca.key in its "
+                                "keys directory); it cannot enroll boxes", 503)
         if not replace and await asyncio.to_thread(app[STORE].device, device) is not None:
             raise EnrollRefused("enrolled", f"{device} is enrolled; a token that replaces it "
                                 "needs replace: true", 409)

@@ -327,7 +327,11 @@ class Issuer:
         if usage is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
             raise EnrollRefused("not_client", "the certificate is not for client "
                                 "authentication", 400)
-        if device_id_of(cert) != device:
+        try:
+            cn = device_id_of(cert)
+        except IndexError:
+            cn = None
+        if cn != device:
             raise EnrollRefused("device_mismatch", f"the certificate's CN is not {device}", 400)
         return cert
 
