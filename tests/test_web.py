@@ -174,6 +174,13 @@ def test_login_rate_limited_and_csrf_required(world: World) -> None:
     assert status == 403
     status, _, body = request(world, "GET", "/api" + session_path(world), cookies=cookies)
     assert status == 200 and not json.loads(body)["unmasked"]
+    # every answer, a 404 included, carries the security headers
+    for path, code in (("/sessions", 200), ("/no/such/page", 404),
+                       (f"/sessions/{DEVICE}/20250301T090000Z-ffffff", 404)):
+        status, headers, _ = request(world, "GET", path, cookies=cookies)
+        assert status == code, path
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["cache-control"] == "no-store"
     # a role sees only its pages: IT has the dashboard, not the review
     status, it = http_login(world, "ian")
     assert request(world, "GET", "/api/devices", cookies=it)[0] == 200

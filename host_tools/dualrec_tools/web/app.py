@@ -97,6 +97,14 @@ def _refuse(request: web.Request, status: int, why: str) -> web.StreamResponse:
 
 @web.middleware
 async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await _guarded(request, handler)
+    except web.HTTPException as exc:  # a 404 or 405 gets the same headers as any answer
+        _security(exc)
+        raise
+
+
+async def _guarded(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path == "/login":
         response = await handler(request)
     else:
