@@ -6,17 +6,22 @@ chain state. A failure at any step leaves no file under a final name for an unco
 the same segment can be sealed again under the same seq. A failure of the chain-state update
 after the header is committed (its SQLite on a full or failing disk) does not undo the seal: the
 segment is sealed, the sealer keeps the header's bytes and brings the state up to date before it
-issues another seq, so a seq is never issued twice nor skipped. pyrage encrypts in memory (in a
-worker process, see age_worker.py); the ciphertext length is checked against what the age format
-implies before and after the write, because pyrage's buffered writer has been seen to report
-success on a failed final flush.
+issues another seq, so a seq is never issued twice nor skipped.
+
+Encryption streams (issue 14): the tar's pieces (Segment.pack_chunks) go into Debian's `age`
+binary over a pipe and its output straight into the payload's temporary file, hashed on the way
+(age_worker.py); neither the whole plaintext nor the ciphertext is ever one buffer, and the
+plaintext is never on disk. The ciphertext's length is checked against what the age format
+implies for the plaintext's before the file is made durable, and the size on disk after it,
+because a writer has been seen to report success on a failed final flush (pyrage's, on ENOSPC).
+The header's schema is checked with stand-ins for the payload's size and hash before anything is
+written, then signed with the real ones.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -27,15 +32,14 @@ import pyrage
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dualrec import __version__
-from dualrec.age_worker import AgeWorker
+from dualrec.age_worker import AgeWorker, Encrypted
 from dualrec.chain import ChainState
-from dualrec.durable import WriteError, write_durable
+from dualrec.durable import WriteError, write_durable, write_durable_from
 from dualrec.segment import Segment
 from dualrec.segment_format import (
     FORMAT_VERSION,
     FormatError,
     age_expected_size,
-    age_header_length,
     header_hash,
     header_name,
     parse_header,
@@ -48,6 +52,9 @@ from dualrec.timebase import Timebase
 # Space on the spool's filesystem that segments never take: room for the spool's and chain
 # state's SQLite (a receipt and a state update are a few 4 KiB WAL pages each).
 BOOKKEEPING_RESERVE = 128 * 1024
+# Bound for an age header (~100 bytes and one ~90-byte stanza per recipient) and for a segment's
+# header file (~1 KB): the room a seal asks for before the exact sizes are known.
+HEADER_ROOM = 8192
 
 
 class SealError(RuntimeError):
@@ -211,11 +218,10 @@ class Sealer:
         self.catch_up()
         clock = self._tb.clock_json(seg.start_ns, seg.end_ns)
         try:
-            plaintext = seg.pack(clock)
-            ciphertext = self._age.encrypt(plaintext, self._recipients)
-        except Exception as exc:  # a muxer or encryption failure must not stop the recorder
+            pieces = seg.pack_chunks(clock)
+        except Exception as exc:  # a muxer failure must not stop the recorder
             raise SealError(f"packing segment {seg.session}/{seg.index}: {exc}") from exc
-        expected = age_expected_size(age_header_length(ciphertext), len(plaintext))
+        plain_size = sum(len(p) for p in pieces)
         head = self._chain.head()
         seq = head.next_seq
         # The quality of the anchor in force at the segment's end: clock.json's last, so a
@@ -236,25 +242,41 @@ class Sealer:
             "clock": {"source": anchor["source"], "synced": anchor["synced"],
                       "est_error_ns": anchor["est_error_ns"]},
             "streams": seg.streams_summary(),
-            "payload": {"size": len(ciphertext),
-                        "sha256": hashlib.sha256(ciphertext).hexdigest()},
+            # stand-ins until the ciphertext exists: the schema is checked before any write
+            "payload": {"size": plain_size, "sha256": "0" * 64},
             "prev": head.prev,
         }
         try:
-            header_bytes = sign_header(fields, self._key)  # checks the schema first
+            sign_header(fields, self._key)  # checks the schema first
         except FormatError as exc:  # a bug, not the disk: on record, never a silent drop
             raise SealError(f"segment {seg.session}/{seg.index}: {exc}") from exc
         payload_path = self.spool_dir / payload_name(seq)
         header_path = self.spool_dir / header_name(seq)
+        done: list[Encrypted] = []
+
+        def encrypt(fd: int) -> tuple[int, int]:
+            # The tar streams through age into the payload's temporary file: the plaintext
+            # is never in one buffer, the ciphertext never in memory, hashed on the way.
+            enc = self._age.encrypt_to(pieces, self._recipients, fd)
+            done.append(enc)
+            return enc.size, age_expected_size(enc.header_size, plain_size)
+
         try:
-            self._check_room(len(ciphertext) + len(header_bytes))
-            write_durable(payload_path, ciphertext, expected_size=expected)
-            try:
-                write_durable(header_path, header_bytes)
-            except WriteError:
-                payload_path.unlink(missing_ok=True)
-                raise
+            # The ciphertext's exact size is known once age has written its header: room for
+            # it with a generous header, and for the segment's header file.
+            self._check_room(age_expected_size(HEADER_ROOM, plain_size) + HEADER_ROOM)
+            write_durable_from(payload_path, encrypt)
         except WriteError as exc:
+            raise SealError(f"segment seq {seq} not committed: {exc}") from exc
+        except Exception as exc:  # age refused or died: nothing under a final name
+            raise SealError(f"encrypting segment {seg.session}/{seg.index}: {exc}") from exc
+        fields["payload"] = {"size": done[0].size, "sha256": done[0].sha256}
+        try:
+            header_bytes = sign_header(fields, self._key)
+            write_durable(header_path, header_bytes)  # the commit point
+        except (WriteError, FormatError) as exc:
+            with contextlib.suppress(OSError):  # else recover() removes it at the next start
+                payload_path.unlink(missing_ok=True)
             raise SealError(f"segment seq {seq} not committed: {exc}") from exc
         try:
             self._chain.advance(seq, header_bytes)

@@ -70,6 +70,14 @@ class Segment:
 
     def pack(self, clock: dict) -> bytes:
         """The payload plaintext: an uncompressed POSIX tar, built in memory."""
+        return b"".join(self.pack_chunks(clock))
+
+    def pack_chunks(self, clock: dict) -> list[bytes]:
+        """The payload plaintext in pieces whose concatenation is the tar pack() returns: each
+        member's header block, its data, its padding, then the end-of-archive blocks. The
+        sealer streams them into the encryptor, so the tar (a segment's size) is never copied
+        into one buffer. Built with tarfile's own header encoder and its block rules, so the
+        bytes are those tarfile.open(mode="w", format=PAX_FORMAT).addfile() writes."""
         members = [
             ("clock.json", canonical_bytes(clock) + b"\n"),
             ("events.jsonl", b"".join(canonical_bytes(event_record(e)) + b"\n"
@@ -80,16 +88,23 @@ class Segment:
         ]
         if self.video or self.audio:
             members.append((MEDIA_NAME, self.mux()))
-        out = io.BytesIO()
         mtime = clock["anchors"][0]["utc_ns"] // 1_000_000_000 if clock.get("anchors") else 0
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                info.mtime = mtime
-                info.mode = 0o444
-                tar.addfile(info, io.BytesIO(data))
-        return out.getvalue()
+        pieces: list[bytes] = []
+        size = 0
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = mtime
+            info.mode = 0o444
+            header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+            pad = -len(data) % tarfile.BLOCKSIZE
+            pieces += [header, data, b"\0" * pad] if pad else [header, data]
+            size += len(header) + len(data) + pad
+        # close(): two zero blocks, then zeros up to a whole record
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(size + end) % tarfile.RECORDSIZE
+        pieces.append(b"\0" * end)
+        return pieces
 
     def mux(self) -> bytes:
         """Video and audio into one Matroska file in memory, timestamps kept exactly as stamped

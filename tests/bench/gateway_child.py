@@ -5,6 +5,16 @@ the real Gateway with bench devices (ReplayCamera on the pre-encoded clip, SimMi
 real SerialOpLog on the site's port), runs it for N seconds in the site's mode, and writes what
 it sealed and its own resource use around Gateway.run to R.json. The parent measures the whole
 process (wait4); the figures taken here separate the run from interpreter start-up and imports.
+
+Memory: the parent's wait4() gives the largest of this process and each child it waited for,
+not their sum, so the figures here add the processes up: the gateway's resident set plus every
+descendant's (the age encryption process), sampled every SAMPLE_S, and a bound that cannot miss
+a short-lived child's peak entirely: this process's peak (VmHWM) plus the largest VmHWM seen of
+a child (one encryption process at a time). Where
+the memory goes is read at milestones (VmRSS after the interpreter, after importing each heavy
+library, after building the gateway) and, during the run, as the bytes held by the buffers:
+the recorder's pre-roll ring, the segmenter's open segments, the seal worker's queue. The heavy
+imports are done one by one in main() for that reason, not at the top of this module.
 """
 
 from __future__ import annotations
@@ -21,27 +31,79 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dualrec.config import load_board, load_site
-from dualrec.devices.factory import Devices
-from dualrec.devices.serial_oplog import SerialOpLog
-from dualrec.gateway import Gateway
-from dualrec.oplog_framer import LineFramer
-from dualrec.sim.microphone import SimMicrophone
-from dualrec.sim.panel import SimPanel
-from dualrec.sim.replay_camera import ReplayCamera
+# The interpreter alone, before any heavy import (this module's own imports are stdlib).
+_RSS_INTERPRETER_KIB = 0
+# Imported one at a time in main(), in this order, to see what each adds to the resident set.
+HEAVY = ("numpy", "av", "pyrage", "cryptography.hazmat.primitives.asymmetric.ed25519", "httpx",
+         "pydantic")
 
 
 def _cpu_s(ru: resource.struct_rusage) -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _status_kib(field: str) -> int:
-    """A size from /proc/self/status (VmHWM: peak RSS of this address space, VmRSS: now)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+def _status_kib(field: str, pid: int | str = "self") -> int:
+    """A size from /proc/PID/status (VmHWM: peak RSS of that address space, VmRSS: now)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:  # a child that has just ended
+        pass
     return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, from /proc/PID/task/TID/children (the kernel's own list)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                kids = Path(f"/proc/{parent}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for k in kids:
+                out.append(int(k))
+                todo.append(int(k))
+    return out
+
+
+def _held_bytes(samples: Any) -> int:
+    """Payload bytes of a list of samples (video data, PCM, raw log bytes)."""
+    total = 0
+    for s in list(samples):  # a copy: the capture threads append meanwhile
+        data = getattr(s, "data", None) or getattr(s, "pcm", None) or getattr(s, "raw", b"")
+        total += len(data)
+    return total
+
+
+class Buffers:
+    """Peak bytes held by the gateway's buffers, sampled: payload bytes only (each sample's
+    Python object adds ~100 bytes more)."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+        self.peak: dict[str, int] = {"preroll_ring": 0, "open_segments": 0, "seal_queue": 0}
+
+    def sample(self) -> None:
+        from dualrec.seal_worker import segment_bytes
+
+        gw = self.gateway
+        seg = gw.segmenter
+        now = {
+            "preroll_ring": _held_bytes(getattr(gw.recorder, "_ring", [])),
+            "open_segments": sum(segment_bytes(s) for s in (seg.cur, seg.nxt) if s is not None),
+            "seal_queue": getattr(gw.sealing, "_bytes", 0),
+        }
+        for k, v in now.items():
+            self.peak[k] = max(self.peak[k], v)
 
 
 class Monitor:
@@ -52,11 +114,17 @@ class Monitor:
 
     PERIOD_S = 0.5
     RSS_EVERY_S = 5.0
+    # The process tree's summed RSS and the buffers: not more often, the sampling holds the GIL
+    # too and would make the capture threads late (the bound below covers a child it missed).
+    SAMPLE_S = 0.5
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: Buffers | None = None) -> None:
         self.tick = os.sysconf("SC_CLK_TCK")
         self.cpu_s: dict[str, float] = {}
         self.rss_kib: list[tuple[float, int]] = []
+        self.buffers = buffers
+        self.tree_peak_kib = 0  # largest sum of VmRSS over this process and its descendants
+        self.children_peak_kib: dict[str, int] = {}  # pid:comm -> largest VmHWM seen
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-threadcpu", daemon=True)
@@ -71,11 +139,31 @@ class Monitor:
         return dict(sorted(self.cpu_s.items(), key=lambda kv: -kv[1]))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.PERIOD_S):
+        next_cpu = time.monotonic() + self.PERIOD_S
+        while not self._stop.wait(self.SAMPLE_S):
+            self._sample_tree()
+            if self.buffers is not None:
+                self.buffers.sample()
+            if time.monotonic() < next_cpu:
+                continue
+            next_cpu += self.PERIOD_S
             self._sample()
             t = time.monotonic() - self._t0
             if not self.rss_kib or t - self.rss_kib[-1][0] >= self.RSS_EVERY_S - self.PERIOD_S / 2:
                 self.rss_kib.append((round(t, 1), _status_kib("VmRSS")))
+
+    def _sample_tree(self) -> None:
+        total = _status_kib("VmRSS")
+        for pid in descendants(os.getpid()):
+            total += _status_kib("VmRSS", pid)
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            key = f"{pid}:{comm}"
+            self.children_peak_kib[key] = max(self.children_peak_kib.get(key, 0),
+                                              _status_kib("VmHWM", pid))
+        self.tree_peak_kib = max(self.tree_peak_kib, total)
 
     def _sample(self) -> None:
         for t in threading.enumerate():
@@ -132,6 +220,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    memory = {"interpreter": _RSS_INTERPRETER_KIB}
+    import importlib
+
+    for name in HEAVY:
+        importlib.import_module(name)
+        memory[f"+ {name.split('.')[0]}"] = _status_kib("VmRSS")
+    from dualrec.config import load_board, load_site
+    from dualrec.devices.factory import Devices
+    from dualrec.devices.serial_oplog import SerialOpLog
+    from dualrec.gateway import Gateway
+    from dualrec.oplog_framer import LineFramer
+    from dualrec.sim.microphone import SimMicrophone
+    from dualrec.sim.panel import SimPanel
+    from dualrec.sim.replay_camera import ReplayCamera
+
+    memory["+ dualrec modules"] = _status_kib("VmRSS")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -146,18 +250,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     oplog = SerialOpLog(site.oplog.port, site.oplog.baud, framer)
     cam_tap, mic_tap = LatencyTap(camera), LatencyTap(microphone)
     gateway = Gateway(board, site, devices=Devices(cam_tap, mic_tap, oplog, SimPanel()))
+    memory["+ gateway built (clip loaded)"] = _status_kib("VmRSS")
 
-    threads = Monitor()
+    threads = Monitor(Buffers(gateway))
     # Thread CPU counts from the thread's creation: the main thread's start-up is taken off.
     threads._sample()
     startup_main = threads.cpu_s.get("MainThread", 0.0)
     threads.start()
     before = resource.getrusage(resource.RUSAGE_SELF)
+    kids_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     hwm_before = _status_kib("VmHWM")
     t0 = time.monotonic()
     stats = gateway.run(threading.Event(), args.seconds)
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
+    kids_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     thread_cpu = threads.stop()
     thread_cpu["MainThread"] = thread_cpu.get("MainThread", 0.0) - startup_main
 
@@ -183,10 +290,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         line_bytes += s["oplog"]["bytes"]
     headers = sum(p.header_path.stat().st_size for p in stats.sealed)
     result = {
+        "memory_milestones_kib": memory,
+        "buffers_peak_bytes": threads.buffers.peak if threads.buffers else {},
+        "tree_peak_rss_kib": threads.tree_peak_kib,
+        "children_peak_rss_kib": threads.children_peak_kib,
+        # Upper bound of the summed peak: one encryption process at a time. (Not the reaped
+        # children's ru_maxrss: a forked child's counts the gateway's size it was forked from.)
+        "summed_peak_rss_bound_kib": _status_kib("VmHWM") + max(
+            [0, *threads.children_peak_kib.values()]),
+        # This bench's sampling thread: its CPU is the bench's, taken off the run's figures.
+        "bench_monitor_cpu_s": thread_cpu.get("bench-threadcpu", 0.0),
         "run_wall_s": wall,
-        "run_user_s": after.ru_utime - before.ru_utime,
-        "run_sys_s": after.ru_stime - before.ru_stime,
-        "run_cpu_s": _cpu_s(after) - _cpu_s(before),
+        # The run's CPU counts the processes the gateway started and reaped during it (the age
+        # encryption processes): work moved out of the interpreter is still the gateway's.
+        "run_user_s": after.ru_utime - before.ru_utime + kids_after.ru_utime
+        - kids_before.ru_utime,
+        "run_sys_s": after.ru_stime - before.ru_stime + kids_after.ru_stime
+        - kids_before.ru_stime,
+        "run_cpu_s": _cpu_s(after) - _cpu_s(before) + _cpu_s(kids_after) - _cpu_s(kids_before),
+        "run_children_cpu_s": _cpu_s(kids_after) - _cpu_s(kids_before),
         "startup_cpu_s": _cpu_s(before),
         "rss_before_run_kib": hwm_before,
         "peak_rss_kib": _status_kib("VmHWM"),
@@ -217,4 +339,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _RSS_INTERPRETER_KIB = _status_kib("VmRSS")
     raise SystemExit(main())

@@ -95,10 +95,25 @@ class SimMicrophone:
                 out[a - first : b - first] = np.sin(2 * np.pi * BEEP_HZ * m / self.format.rate)
         return out * (BEEP_AMPLITUDE * FULL_SCALE)
 
+    def _has_beep(self, first: int, count: int) -> bool:
+        lo = self._sample_time(first - self.beep_frames) - 1
+        hi = self._sample_time(first + count) + 1
+        for clap in claps_between(lo, hi, self.clap_period_ns):
+            onset = self._nearest_sample(clap)
+            if max(onset, first) < min(onset + self.beep_frames, first + count):
+                return True
+        return False
+
     def _run(self, sink: AudioSink, events: EventSink) -> None:
         rng = np.random.default_rng(self.seed)
         n_block = self.block_frames
         channels = self.format.channels
+        # The noise is drawn for BATCH blocks at once (the same values, in the same order, as
+        # block by block) and a block without a beep is a slice of it, already rounded: per
+        # block numpy calls were most of this thread's CPU, work a real microphone does not
+        # put on the gateway.
+        batch = max(1, self.format.rate // n_block)
+        noise = quiet = np.empty(0)
         k = 0
         try:
             while not self._stop.is_set():
@@ -106,9 +121,17 @@ class SimMicrophone:
                 delay = self._sample_time(first + n_block) - time.monotonic_ns()
                 if delay > 0 and self._stop.wait(delay / NS):
                     break
-                noise = rng.normal(0.0, self.noise_level * FULL_SCALE, (n_block, channels))
-                signal = noise + self._beeps(first, n_block)[:, None]
-                pcm = np.clip(np.rint(signal), -32768, FULL_SCALE).astype("<i2").tobytes()
+                i = k % batch
+                if i == 0:
+                    noise = rng.normal(0.0, self.noise_level * FULL_SCALE,
+                                       (batch * n_block, channels))
+                    quiet = np.clip(np.rint(noise), -32768, FULL_SCALE).astype("<i2")
+                rows = slice(i * n_block, (i + 1) * n_block)
+                if self._has_beep(first, n_block):
+                    signal = noise[rows] + self._beeps(first, n_block)[:, None]
+                    pcm = np.clip(np.rint(signal), -32768, FULL_SCALE).astype("<i2").tobytes()
+                else:
+                    pcm = quiet[rows].tobytes()
                 sink(AudioBlock(t_mono_ns=self._sample_time(first), pcm=pcm, frames=n_block))
                 k += 1
         except Exception as e:  # a dead microphone thread must be on record, whatever killed it
