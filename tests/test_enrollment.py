@@ -200,10 +200,29 @@ def test_replacement_needs_an_admin_replace_token_and_is_audited(world: World) -
     assert audit[-2]["what"] == "mint_token" and audit[-2]["who"] == "admin:tester"
 
 
+def _sealed(world: World, site_path: Path, n: int) -> list[Any]:
+    """n segments sealed with the box's own signing key (made by `dualrec enroll`)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from test_receiver import _seal
+
+    key = load_pem_private_key(load_site(site_path).device.key.read_bytes(), None)
+    return _seal(world.tmp / "sealed", DEV, key, n, "20250301T090000Z-0000e1")  # type: ignore
+
+
+def put_header(world: World, site_path: Path, seg: Any) -> httpx.Response:
+    site = load_site(site_path)
+    assert site.uplink is not None
+    return httpx.put(f"{world.rx.url}/v1/devices/{DEV}/segments/{seg.seq}/header",
+                     content=seg.header, headers={"Content-Type": "application/json"},
+                     verify=client_ssl_context(site.uplink), timeout=10)
+
+
 def test_revoked_certificate_is_refused_at_upload(world: World) -> None:
     site_path = world.bundle("box", world.mint())
     enroll_box(site_path)
-    assert status(world, site_path).status_code == 200
+    segs = _sealed(world, site_path, 2)
+    assert put_header(world, site_path, segs[0]).status_code == 202  # the box's keys work
     token_file = world.tmp / "admin.token"
     token_file.write_text(world.admin_token + "\n")
     done = CliRunner().invoke(tool_cli, ["revoke", DEV, "--admin-url", world.rx.admin_url,
@@ -213,9 +232,10 @@ def test_revoked_certificate_is_refused_at_upload(world: World) -> None:
     fingerprint = world.rx.store.device(DEV).cert_sha256  # type: ignore[union-attr]
     assert world.rx.book.revoked() == [fingerprint]
     before = world.state()
-    r = status(world, site_path)
-    assert (r.status_code, r.json()["error"]) == (403, "revoked")
+    for r in (put_header(world, site_path, segs[1]), status(world, site_path)):
+        assert (r.status_code, r.json()["error"]) == (403, "revoked")
     assert world.state() == before
+    assert world.rx.store.status(DEV)["headers"] == 1  # nothing more stored
     line = world.rx.book.audit.lines()[-1]
     assert (line["what"], line["who"], line["cert_sha256"], line["detail"]) == \
         ("revoke", "admin:tester", fingerprint, "box stolen")
