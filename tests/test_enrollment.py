@@ -317,3 +317,21 @@ def test_a_box_not_yet_enrolled_records_to_its_spool(world: World) -> None:
     # It ran its recording for the whole duration and stopped in order (a gateway that could
     # not start exits non-zero at once, with a traceback or one line).
     assert "Traceback" not in done.stderr and done.stdout.startswith("sealed ")
+
+
+def test_provision_command_asks_the_admin_api_and_never_bundles_keys(world: World) -> None:
+    token_file = world.tmp / "admin.token"
+    token_file.write_text(world.admin_token)
+    args = ["provision", "--branch", str(world.branch), "--id", DEV, "--receiver-url",
+            world.rx.url, "--enroll-url", str(world.rx.enroll_url), "--state-dir", "",
+            "--admin-url", world.rx.admin_url, "--admin-token-file", str(token_file),
+            "--out", str(world.tmp / "cli-box")]
+    done = CliRunner().invoke(tool_cli, args)
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in (world.tmp / "cli-box").iterdir()) == [
+        "ca.crt", "enroll.json", "receipt.pub", "site.toml"]
+    enroll_box(world.tmp / "cli-box" / "site.toml")  # keys now next to site.toml (state-dir "")
+    before = world.state()
+    again = CliRunner().invoke(tool_cli, [*args, "--force"])
+    assert again.exit_code != 0 and "private keys do not belong in a bundle" in again.output
+    assert world.state() == before  # refused before a token was minted

@@ -141,6 +141,7 @@ def provision(branch: Path, device_id: str, receiver_url: str, enroll_url: str |
     from dualrec_tools import provision as prov
 
     try:
+        prov.check_out(out, force)
         if token_file is not None:
             token = json.loads(token_file.read_text())
         elif admin_url:

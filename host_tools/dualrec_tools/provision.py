@@ -127,17 +127,23 @@ receipt_key = "receipt.pub"
     return site
 
 
+def check_out(out: Path, force: bool) -> None:
+    """Refuse a bundle directory holding private keys (a box's, a branch's), or a bundle
+    already (unless force); checked before a token is asked for, so none is minted in vain."""
+    private = [str(out / p) for p in PRIVATE if (out / p).exists()]
+    if private:
+        raise ProvisionError(f"{', '.join(private)}: private keys do not belong in a bundle; "
+                             "remove them first")
+    refuse_existing([out / "site.toml", out / "enroll.json"], force)
+
+
 def make_bundle(branch: Path, device_id: str, receiver_url: str, out: Path,
                 token: dict[str, Any], *, enroll_url: str | None = None, oplog_port: str = "",
                 bandwidth_bps: int | None = None, site_extra: str = "", state_dir: str = "",
                 force: bool = False) -> Bundle:
     """Write the bundle into out. `token` is the receiver's answer (request_token, or the JSON
     of `dualrec-receiver enroll-token`); branch needs ca.crt, receipt.pub, branch.recipient."""
-    private = [str(out / p) for p in PRIVATE if (out / p).exists()]
-    if private:
-        raise ProvisionError(f"{', '.join(private)}: private keys do not belong in a bundle; "
-                             "remove them first")
-    refuse_existing([out / "site.toml", out / "enroll.json"], force)
+    check_out(out, force)
     if token.get("device") != device_id:
         raise ProvisionError(f"the token is for {token.get('device')!r}, not {device_id!r}")
     branch_sha = branch_id(x509.load_pem_x509_certificate((branch / "ca.crt").read_bytes()))

@@ -42,7 +42,7 @@ def register(main: click.Group, data: Callable, user: Callable[[], str]) -> None
     def admin_token(data_dir: Path, name: str) -> None:
         """Make an admin token and print it (once: only its hash is kept)."""
         with EnrollmentBook(data_dir) as book:
-            token = book.add_admin_token(name)
+            token = book.add_admin_token(name, by=f"cli:{user()}")
         click.echo(token)
 
     @main.command("enroll-token")

@@ -186,11 +186,11 @@ class EnrollmentBook:
 
     # -- admin tokens ------------------------------------------------------------------------
 
-    def add_admin_token(self, name: str) -> str:
+    def add_admin_token(self, name: str, by: str = "cli") -> str:
         token = ADMIN_PREFIX + secrets.token_urlsafe(32)
         self._change("INSERT INTO admin_tokens VALUES (?, ?, ?)", sha256_hex(token.encode()),
                      name, time.time_ns())
-        self.audit.write("cli", "admin_token", None, detail=f"new admin token for {name!r}")
+        self.audit.write(by, "admin_token", None, detail=f"new admin token for {name!r}")
         return token
 
     def admin_name(self, token: str) -> str | None:
