@@ -133,6 +133,7 @@ def session_path(world: World) -> str:
 
 ROUTES = [("GET", "/"), ("GET", "/api/devices"), ("GET", "/sessions"),
           ("GET", "/api/sessions"), ("GET", "/sessions/{d}/{s}"), ("GET", "/api/sessions/{d}/{s}"),
+          ("GET", "/api/sessions/{d}/{s}/media"),
           ("GET", "/media/{d}/{s}.mp4"), ("POST", "/sessions/{d}/{s}/unmask"),
           ("GET", "/static/app.js"), ("GET", "/static/style.css"), ("POST", "/logout"),
           ("GET", "/no/such/page")]
@@ -313,6 +314,12 @@ def test_session_plays_seeks_and_follows_the_log(world: World, browser: Any,
     browser_login(browser, world, "ada")
     browser.get(world.url + session_path(world))
     wait(lambda: _log_state(browser)["ready"] >= 2, 60, "the video to load")
+    # the finished file is in the player (the first view streams while ffmpeg writes)
+    wait(lambda: browser.execute_script(
+        "const v = document.getElementById('video');"
+        "return v.dataset.complete === '1' && v.readyState >= 2"), 60, "the finished file")
+    # this was the first view: it streamed, then the page switched to the finished file
+    assert "?complete=" in browser.execute_script("return document.getElementById('video').src")
     assert not browser.find_element(By.ID, "preparing").is_displayed()
     # plays: currentTime advances
     browser.execute_script("document.getElementById('video').play()")
@@ -449,6 +456,34 @@ def test_numbers_masked_everywhere_until_unmasked_with_a_reason(world: World, br
     cached = list((world.state / "cache").glob("*.mp4"))
     assert cached and all(p.stat().st_mode & 0o077 == 0 for p in cached)
     assert (world.state / "cache").stat().st_mode & 0o077 == 0
+
+
+def test_media_streams_first_then_serves_the_finished_file(world: World) -> None:
+    """The first request gets the transcode as ffmpeg writes it (fragmented MP4, no ranges);
+    once ready, the cached plain MP4 with ranges; both with the session's timestamps."""
+    import subprocess
+
+    _, bob = http_login(world, "bob")
+    path = f"/media/{DEVICE}/{world.session_b}.mp4"
+    status, headers, _ = request(world, "GET", path, cookies=bob)
+    assert status == 200 and headers["accept-ranges"] == "none"
+    wait(lambda: json.loads(request(world, "GET", f"/api/sessions/{DEVICE}/{world.session_b}"
+                                    "/media", cookies=bob)[2])["ready"], 30, "the cached file")
+    host, port = world.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    conn.request("GET", path, headers={"Cookie": "; ".join(f"{k}={v}" for k, v in bob.items()),
+                                       "Range": "bytes=0-"})
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    assert r.status == 206 and r.getheader("Accept-Ranges") == "bytes"
+    assert body[4:8] == b"ftyp" and body.find(b"moov") < body.find(b"mdat")  # index first
+    out = world.base / "b.mp4"
+    out.write_bytes(body)
+    first = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-show_entries",
+                            "packet=pts_time", "-of", "csv=p=0", "-read_intervals", "%+#1",
+                            str(out)], capture_output=True, text=True, check=True).stdout
+    assert float(first.split()[0]) == 0.0  # media time zero is the session's origin
 
 
 def test_tls_and_secure_cookies(world: World) -> None:

@@ -21,7 +21,6 @@ from dualrec.shield import shield
 from dualrec_tools.web import dashboard, review
 from dualrec_tools.web.app import HERE, login_of, redirect, render, state
 from dualrec_tools.web.archive import NS, SessionRow
-from dualrec_tools.web.media import MediaError
 
 log = logging.getLogger("dualrec.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -152,7 +151,9 @@ async def session_page(request: web.Request) -> web.StreamResponse:
     return render(request, "session.html", s=review.summary(view, st.config.tz),
                   unmasked=unmasked, can_unmask=login.account.can_unmask,
                   unmask_minutes=int((until - time.monotonic()) / 60) + 1 if unmasked and until
-                  else 0, viewer=login.account.name, has_media=view.has_media)
+                  else 0, viewer=login.account.name, has_media=view.has_media,
+                  media_ready=st.media.fresh(st.media.path(view.row.device, view.row.info.session,
+                                                           login.account.name)))
 
 
 @need("auditor")
@@ -162,29 +163,53 @@ async def session_api(request: web.Request) -> web.StreamResponse:
                              | {"unmasked": unmasked})
 
 
-def _player_file(st: Any, device: str, session: str, viewer: str) -> Any:
-    media, height = review.media_of(st.archive, device, session)
-    return st.media.get(device, session, viewer, media, height or 360)
+MP4 = {"Content-Type": "video/mp4", "Cache-Control": "private, no-store"}
+
+
+def _loader(st: Any, device: str, session: str) -> Callable[[], tuple[list[Any], int]]:
+    return lambda: review.media_of(st.archive, device, session)
 
 
 @need("auditor")
 async def media(request: web.Request) -> web.StreamResponse:
+    """The player's file: the cached one (ranges, seekable) when fresh, else the transcode
+    streamed as it is written (plays at once; the page switches to the cached file when
+    /api/.../media says it is ready)."""
     st = state(request)
     device, session = _ids(request)
     login = login_of(request)
     cached = st.media.path(device, session, login.account.name)
-    if st.media.fresh(cached):  # decrypting again is the costly part: not for a Range request
-        return web.FileResponse(cached, headers={"Content-Type": "video/mp4",
-                                                 "Cache-Control": "private, no-store"})
+    if st.media.fresh(cached):
+        return web.FileResponse(cached, headers=MP4)
     if not await asyncio.to_thread(st.archive.has_session, device, session):
         raise web.HTTPNotFound()
-    try:
-        path = await asyncio.to_thread(_player_file, st, device, session, login.account.name)
-    except MediaError as exc:
-        log.warning("media failed device=%s session=%s: %s", device, session, exc)
+    job = st.media.job(device, session, login.account.name, _loader(st, device, session))
+    await asyncio.to_thread(job.started.wait, 600)
+    if job.error or not job.partial.exists():
+        log.warning("media failed device=%s session=%s: %s", device, session, job.error)
         return web.json_response({"error": "the session's media cannot be played"}, status=500)
-    return web.FileResponse(path, headers={"Content-Type": "video/mp4",
-                                           "Cache-Control": "private, no-store"})
+    response = web.StreamResponse(headers=MP4 | {"Accept-Ranges": "none"})
+    await response.prepare(request)
+    with job.partial.open("rb") as f:
+        while True:
+            done = job.streamed.is_set()  # read before the file: nothing written after is lost
+            chunk = f.read(256 * 1024)
+            if chunk:
+                await response.write(chunk)
+            elif done:
+                break
+            else:
+                await asyncio.sleep(0.1)
+    await response.write_eof()
+    return response
+
+
+@need("auditor")
+async def media_state(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    device, session = _ids(request)
+    cached = st.media.path(device, session, login_of(request).account.name)
+    return web.json_response({"ready": st.media.fresh(cached)})
 
 
 @need("auditor")
@@ -227,5 +252,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/sessions/{device}/{session}", session_page)
     r.add_get("/api/sessions/{device}/{session}", session_api)
     r.add_get("/media/{device}/{session}.mp4", media)
+    r.add_get("/api/sessions/{device}/{session}/media", media_state)
     r.add_post("/sessions/{device}/{session}/unmask", unmask)
     r.add_get("/static/{name}", static)

@@ -77,12 +77,36 @@ function setupPlayer() {
     }
     log.dataset.current = String(found);
   };
-  lines.forEach((li, i) => li.addEventListener("click", () => {
-    if (!video) return;
-    video.currentTime = Math.max(0, times[i]);
-    highlight(times[i]);
-  }));
+  // While the file is still being made it streams and cannot seek: a seek asked for then is
+  // kept and done once the finished file is in the player.
+  let pending = null;
+  const seek = t => {
+    if (video.dataset.complete === "1") video.currentTime = Math.max(0, t);
+    else pending = t;
+    highlight(t);
+  };
+  lines.forEach((li, i) => li.addEventListener("click", () => { if (video) seek(times[i]); }));
   if (!video) return;
+  const waitComplete = async () => {
+    while (video.dataset.complete !== "1") {
+      await new Promise(r => setTimeout(r, 1000));
+      try {
+        const r = await fetch(video.dataset.state, {credentials: "same-origin"});
+        if (!r.ok || !(await r.json()).ready) continue;
+      } catch (e) { continue; }
+      const t = pending !== null ? pending : video.currentTime, playing = !video.paused;
+      video.addEventListener("loadedmetadata", () => {
+        video.currentTime = t;
+        if (playing) video.play();
+        video.dataset.complete = "1";
+        document.getElementById("streaming").hidden = true;
+      }, {once: true});
+      pending = null;
+      video.src = video.src.split("?")[0] + "?complete=" + Date.now();
+      return;
+    }
+  };
+  waitComplete();
   const timeline = document.getElementById("timeline");
   const playhead = document.getElementById("playhead");
   const preparing = document.getElementById("preparing");
@@ -103,7 +127,7 @@ function setupPlayer() {
     }
   };
   for (const m of timeline.querySelectorAll(".mark"))
-    m.addEventListener("click", () => { video.currentTime = Math.max(0, Number(m.dataset.t)); });
+    m.addEventListener("click", () => seek(Number(m.dataset.t)));
   video.addEventListener("loadedmetadata", place);
   place();
   // every frame rather than on timeupdate (4 Hz): the highlight keeps up with the picture
