@@ -398,6 +398,9 @@ def test_numbers_masked_everywhere_until_unmasked_with_a_reason(world: World, br
         status, _, body = request(world, "GET", path, cookies=cookies)
         assert status == 200, path
         _no_numbers(path, body)
+    # a number typed into a search lands in the access log's request line: masked there too
+    status, _, body = request(world, "GET", "/api/sessions?txn=6217008792174210", cookies=cookies)
+    assert status == 200 and json.loads(body) == {"sessions": []}
     masked = json.loads(request(world, "GET", "/api" + session_path(world), cookies=cookies)[2])
     assert any("6217 **** **** 4210" in line["text"] for line in masked["lines"])
 
@@ -450,7 +453,7 @@ def test_numbers_masked_everywhere_until_unmasked_with_a_reason(world: World, br
     # the service's own log never carries a number, even after an unmasking
     assert world.log_file is not None
     log_text = world.log_file.read_text()
-    assert "unmask user=ada" in log_text
+    assert "unmask user=ada" in log_text and "/api/sessions?txn=6217 **** **** 4210" in log_text
     _no_numbers("web log", log_text)
     # decrypted media in the cache: only the service's user may read it
     cached = list((world.state / "cache").glob("*.mp4"))
