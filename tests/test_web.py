@@ -489,6 +489,24 @@ def test_media_streams_first_then_serves_the_finished_file(world: World) -> None
     assert float(first.split()[0]) == 0.0  # media time zero is the session's origin
 
 
+def test_labels_kept_across_restarts(world: World) -> None:
+    """Once listed, a session's labels come from STATE/labels.db: an archive opened without the
+    identity (a restart that decrypts nothing) still has them."""
+    from dualrec_tools.web.archive import Archive
+
+    _, cookies = http_login(world, "bob")
+    assert request(world, "GET", "/api/sessions", cookies=cookies)[0] == 200
+    archive = Archive(world.data, [], labels_cache=world.state / "labels.db")
+    try:
+        rows = {r.info.session: r.txn for r in archive.sessions()}
+    finally:
+        archive.close()
+    assert rows[world.session_a].labels == {"txn": "T1001", "teller": "T07",
+                                            "business": "open_account"}
+    assert rows[world.session_b].completeness == "incomplete: id_check"
+    assert (world.state / "labels.db").stat().st_mode & 0o077 == 0
+
+
 def test_tls_and_secure_cookies(world: World) -> None:
     """Over TLS (--tls-cert/--tls-key) every cookie is Secure as well."""
     import ssl

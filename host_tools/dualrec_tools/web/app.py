@@ -183,7 +183,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
 def make_app(config: WebConfig) -> web.Application:
     from dualrec_tools.web import pages
 
-    archive = Archive(config.data_dir, config.identities, config.counters)
+    archive = Archive(config.data_dir, config.identities, config.counters,
+                      config.state_dir / "labels.db")
     templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                                    autoescape=True, undefined=jinja2.StrictUndefined)
     st = State(config, archive, Accounts(config.state_dir / "web.db"),

@@ -9,6 +9,9 @@ stored, so a page view does not re-verify an unchanged chain.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sqlite3
 import threading
 import time
@@ -80,8 +83,10 @@ class Archive:
     """What the pages read: the devices, their verified chains, their sessions' labels."""
 
     def __init__(self, data_dir: Path, identities: list[Any],
-                 counters: dict[str, str] | None = None) -> None:
+                 counters: dict[str, str] | None = None,
+                 labels_cache: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.labels_cache = labels_cache  # transaction labels, not customer numbers (FORMAT §5.3)
         self.identities = identities
         self.counters = counters or {}
         self.store = ReadOnlyStore(data_dir)
@@ -133,10 +138,50 @@ class Archive:
         with self._lock:
             if key in self._txns:
                 return self._txns[key]
-        txn = read_transaction(info, chain.report.chain, self.identities)
+        # On disk, keyed by the headers' bytes (which sign the payloads): a restart does not
+        # decrypt every session again, and a changed segment is a new key.
+        digest = hashlib.sha256(b"".join(chain.report.chain[s].data for s in have)).hexdigest()
+        txn = self._stored_txn(digest)
+        if txn is None:
+            txn = read_transaction(info, chain.report.chain, self.identities)
+            if not txn.unreadable:  # a payload arriving later may still make it readable
+                self._store_txn(digest, txn)
         with self._lock:
             self._txns[key] = txn
         return txn
+
+    def _labels_db(self) -> sqlite3.Connection | None:
+        if self.labels_cache is None:
+            return None
+        if not self.labels_cache.exists():
+            self.labels_cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.labels_cache, os.O_WRONLY | os.O_CREAT, 0o600))
+        db = sqlite3.connect(self.labels_cache, isolation_level=None)
+        db.execute("CREATE TABLE IF NOT EXISTS txn (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        return db
+
+    def _stored_txn(self, digest: str) -> Transaction | None:
+        db = self._labels_db()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT value FROM txn WHERE key=?", (digest,)).fetchone()
+        finally:
+            db.close()
+        if row is None:
+            return None
+        v = json.loads(row[0])
+        return Transaction(v["labels"], v["complete"], v["missing"], [])
+
+    def _store_txn(self, digest: str, txn: Transaction) -> None:
+        db = self._labels_db()
+        if db is None:
+            return
+        try:
+            db.execute("INSERT OR REPLACE INTO txn VALUES (?, ?)", (digest, json.dumps(
+                {"labels": txn.labels, "complete": txn.complete, "missing": txn.missing})))
+        finally:
+            db.close()
 
     def sessions(self) -> list[SessionRow]:
         """Every session of every enrolled device, newest first."""
