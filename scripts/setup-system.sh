@@ -9,11 +9,13 @@
 # image's block map; also a second, independent writer the tests compare with), prometheus
 # (promtool checks the receiver's alert rules; Debian ships promtool only in this package),
 # chromium and chromium-driver (the web pages' tests drive Debian's headless Chromium through
-# its chromedriver) and fonts-dejavu-core (the font dualrec-web burns its watermark in with).
+# its chromedriver), fonts-dejavu-core (the font dualrec-web burns its watermark in with) and
+# fonts-wqy-microhei (Chinese in the operation log, so the tests' screenshots can be read).
 set -euo pipefail
 packages=(ffmpeg age portaudio19-dev alsa-utils libasound2-plugins chrony systemd
           lintian python3-venv python3-numpy mtools dosfstools fdisk e2fsprogs bmap-tools
-          prometheus chromium chromium-driver fonts-dejavu-core)
+          prometheus chromium chromium-driver fonts-dejavu-core
+          fonts-wqy-microhei)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
