@@ -44,6 +44,10 @@ class Sessions:
 
     def create(self, account: Account) -> tuple[str, LoginSession]:
         now = time.monotonic()
+        if len(self._by_token) >= 1000:  # expired ones go only when looked up: bound them here
+            for token in [t for t, s in self._by_token.items()
+                          if now - s.seen > IDLE_S or now - s.created > ABSOLUTE_S]:
+                del self._by_token[token]
         token = secrets.token_urlsafe(32)
         s = LoginSession(account, secrets.token_urlsafe(32), now, now)
         self._by_token[token] = s
