@@ -487,6 +487,10 @@ def test_media_streams_first_then_serves_the_finished_file(world: World) -> None
                             "packet=pts_time", "-of", "csv=p=0", "-read_intervals", "%+#1",
                             str(out)], capture_output=True, text=True, check=True).stdout
     assert float(first.split()[0]) == 0.0  # media time zero is the session's origin
+    streams = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_name",
+                              "-of", "csv=p=0", str(out)], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert streams == ["h264", "aac"]  # video and audio, as Chromium plays them in MP4
 
 
 def test_labels_kept_across_restarts(world: World) -> None:
