@@ -325,6 +325,10 @@ def test_session_plays_seeks_and_follows_the_log(world: World, browser: Any,
     browser.execute_script("document.getElementById('video').play()")
     t0 = _log_state(browser)["t"]
     wait(lambda: _log_state(browser)["t"] > t0 + 1.0, 10, "currentTime to advance")
+    decoded = browser.execute_script("const v = document.getElementById('video');"
+                                     "return [v.webkitVideoDecodedByteCount,"
+                                     " v.webkitAudioDecodedByteCount];")
+    assert decoded[0] > 0 and decoded[1] > 0, decoded  # picture and sound both decoded
     # the highlighted line follows playback: at every sample, the last line at or before t
     seen = set()
     for _ in range(20):
