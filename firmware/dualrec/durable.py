@@ -22,8 +22,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, data: bytes, *, expected_size: int | None = None) -> None:
-    """Atomically create or replace path with data.
+def write_durable(path: Path, data: bytes, *, expected_size: int | None = None,
+                  mode: int = 0o600) -> None:
+    """Atomically create or replace path with data (file mode `mode`, under the umask).
 
     expected_size, when given, is the length the file format implies; a mismatch (a writer that
     lost bytes silently, as pyrage's buffered writer does on ENOSPC) is an error, not a file.
@@ -32,7 +33,7 @@ def write_durable(path: Path, data: bytes, *, expected_size: int | None = None) 
         raise WriteError(f"{path.name}: {len(data)} bytes to write, format implies {expected_size}")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             view = memoryview(data)
             while view:

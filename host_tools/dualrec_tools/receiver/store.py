@@ -147,13 +147,15 @@ def _header_columns(header: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _private_db(path: Path) -> None:
-    """receiver.db (every header) and its -wal/-shm are 0600: SQLite gives the journal files
-    the main file's mode, so creating that one first is enough."""
+    """receiver.db (every header) and its -wal/-shm are 0640: the receiver's user writes, its
+    group reads (dualrec-web runs as another user in that group: docs/review.md), others
+    nothing. SQLite gives the journal files the main file's mode, so creating that one first is
+    enough."""
     if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o640))
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if p.exists() and p.stat().st_mode & 0o077:
-            p.chmod(0o600)
+        if p.exists() and p.stat().st_mode & 0o037:
+            p.chmod(0o640)
 
 
 def _gaps(seqs: list[int]) -> list[list[int]]:
@@ -386,7 +388,7 @@ class ReceiverStore:
                 return self._refuse(device, seq, "bad_link", link, header_bytes)
             directory = self.device_dir(device)
             directory.mkdir(mode=0o750, exist_ok=True)
-            write_durable(directory / header_name(seq), header_bytes)
+            write_durable(directory / header_name(seq), header_bytes, mode=0o640)
             with self._tx() as db:
                 db.execute("INSERT INTO segments (device, seq, header_sha256, header, header_at,"
                            " session, end_utc_ns, payload_size, clock_synced, clock_error_ns, "
@@ -464,7 +466,7 @@ class ReceiverStore:
         digest = hashlib.sha256()
         total = 0
         prefix = bytearray()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)  # group: dualrec-web
         try:
             for chunk in chunks:
                 total += len(chunk)
