@@ -3,10 +3,12 @@
 1. A Debian Bookworm arm64 root from Debian's packages (debootstrap --foreign, then its second
    stage run inside the root by qemu-aarch64 through binfmt_misc), with the package's Debian
    dependencies; built once into build/arm64-root and reused.
-2. The .deb installed with dpkg inside that root with no network at all (unshare --net): the
-   postinst builds /opt/dualrec/venv from the shipped wheels only.
-3. A device key and a site config (dualrec-tool keys; no receiver, so no enrollment and no
-   uplink) put into /etc/dualrec as the first-boot script does; the sim board as board.toml.
+2. A bundle (a device key and a site config from dualrec-tool keys: no receiver here, so no
+   enrollment and no uplink; the sim board's profile as board.toml) and `dualrec-tool image`
+   of a synthetic Bookworm image with it and the .deb; the boot partition's files copied out.
+3. The first boot, with no network at all (unshare --net): Bookworm's firstrun.sh, which runs
+   dualrec/firstboot.sh: apt installs the .deb offline (the postinst builds /opt/dualrec/venv
+   from the shipped wheels only), the bundle moves to /etc/dualrec, the unit is enabled.
 4. `dualrec check-config` and `dualrec diag` as the service user, then `dualrec run` for 10 s,
    stopped with SIGTERM as systemd would; the spool is listed afterwards.
 
@@ -152,6 +154,32 @@ def record(args: list[str]) -> None:
           f"{stopped:.1f} s, {time.monotonic() - started:.1f} s in all", flush=True)
 
 
+def first_boot_files(deb: Path, bundle: Path) -> Path:
+    """The FAT boot partition of a box's image, as `dualrec-tool image` writes it: made from a
+    synthetic Raspberry Pi OS Bookworm image (tests/test_image.py builds the same), then copied
+    out with mtools into a directory."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "host_tools")]
+    from dualrec_tools.diskimage import boot_and_root
+    from test_image import make_base  # the synthetic MBR + FAT32 + ext4 image of the tests
+
+    work = ROOT / "build" / "arm64-image"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    base = make_base(work, "bookworm")
+    out = work / "box.img"
+    step("dualrec-tool image (rpi5, the bundle, the arm64 package)",
+         [str(TOOL), "image", "--board", "rpi5", "--base", str(base), "--bundle", str(bundle),
+          "--out", str(out), "--deb", str(deb)])
+    boot, _ = boot_and_root(out)
+    files = work / "boot"
+    files.mkdir()
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    for name in ("dualrec", "firstrun.sh", "cmdline.txt", "config.txt"):
+        subprocess.run(["mcopy", "-s", "-n", "-i", f"{out}@@{boot.start}", f"::/{name}",
+                        str(files)], check=True, env=env)
+    return files
+
+
 def find_deb() -> Path:
     debs = sorted((ROOT / "build" / "deb").glob("dualrec_*+deb12_arm64.deb"))
     if not debs:
@@ -165,7 +193,6 @@ def main() -> int:
     started = time.monotonic()
     build_root()
     deb = find_deb()
-    shutil.copyfile(deb, CHROOT / "tmp" / deb.name)
     bundle = CHROOT / "tmp" / "bundle"
     shutil.rmtree(bundle, ignore_errors=True)
     shutil.rmtree(CHROOT / "tmp" / "branch", ignore_errors=True)
@@ -190,15 +217,23 @@ recipients = ["{recipient}"]
 dir = "/var/lib/dualrec/spool"
 state = "/var/lib/dualrec/state/state.db"
 """)
+    # The sim board's profile travels in the bundle: firstboot.sh keeps a bundle's board.toml
+    # (the image itself is made for a real board, rpi5, whose config.txt lines it appends).
+    shutil.copyfile(ROOT / "boards" / "sim.toml", bundle / "board.toml")
+    boot = first_boot_files(deb, bundle)
     with mounted(CHROOT):
-        step("dpkg -i, no network (unshare --net): the postinst builds the venv from wheels",
-             chroot("dpkg", "-i", f"/tmp/{deb.name}"), timeout=3600)
-        step("put the bundle into /etc/dualrec as firstboot.sh does", chroot("sh", "-c", (
-            "find /etc/dualrec -maxdepth 1 -type f -delete && "  # a previous run's files
-            "cp -R /tmp/bundle/. /etc/dualrec/ && chown -R root:dualrec /etc/dualrec && "
-            "chmod 0640 /etc/dualrec/*.* && "
-            "cp /etc/dualrec/boards/sim.toml /etc/dualrec/board.toml && ls -l /etc/dualrec && "
-            "rm -rf /var/lib/dualrec/spool/* /var/lib/dualrec/state/*")))
+        step("a fresh box: no dualrec package, no /etc/dualrec, no spool", chroot(
+            "sh", "-c", "dpkg --purge dualrec >/dev/null 2>&1; rm -rf /etc/dualrec "
+            "/var/lib/dualrec /opt/dualrec /boot/firmware; mkdir -p /boot/firmware"))
+        shutil.copytree(boot, CHROOT / "boot" / "firmware", dirs_exist_ok=True)
+        step("first boot, no network: firstrun.sh (Bookworm's hook) as the kernel command line "
+             "would run it", chroot("bash", "/boot/firmware/firstrun.sh"), timeout=3600)
+        step("what the first boot left", chroot("sh", "-c", (
+            "tail -n 8 /boot/firmware/dualrec/firstboot.log; echo; "
+            "echo done: $(cat /boot/firmware/dualrec/firstboot.done); "
+            "echo boot partition: $(ls /boot/firmware /boot/firmware/dualrec); "
+            "echo cmdline.txt: $(cat /boot/firmware/cmdline.txt); "
+            "echo unit: $(systemctl is-enabled dualrec.service); ls -l /etc/dualrec")))
         args = ["--board", "/etc/dualrec/board.toml", "--site", "/etc/dualrec/site.toml"]
         step("python and numpy the venv sees", chroot(
             f"{VENV_BIN}/python", "-c", "import sys, numpy, av, platform; print(sys.version, "

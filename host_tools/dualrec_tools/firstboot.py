@@ -36,10 +36,12 @@ set -ex
 BOARD=$(cat "$DIR/board")
 DEB=$(ls "$DIR"/dualrec_*.deb | head -n 1)
 # Offline first: the package's own Python dependencies are inside it, and its Debian ones
-# (python3-venv, python3-numpy, ...) are in Raspberry Pi OS. Only if one is missing, and the
-# box has network, does apt fetch it.
-if ! apt-get install -y --no-download "$DEB"; then
-    apt-get update && apt-get install -y "$DEB"
+# (python3-venv, python3-numpy, ...) are in Raspberry Pi OS, so dpkg alone installs it (and
+# leaves out the Recommends the image lacks, python3-pyaudio on Lite, which apt would try to
+# download; apt-get --no-download cannot install a local .deb: "Pathname to install is not
+# absolute"). Only if a dependency is missing, and the box has network, does apt fetch it.
+if ! dpkg -i "$DEB"; then
+    apt-get update && apt-get install -y -f
 fi
 install -d -m 0750 -o root -g dualrec /etc/dualrec
 if [ -d "$DIR/bundle" ]; then
