@@ -184,7 +184,8 @@ def stage(root: Path, target: Target, arch: str, version: str, wheels: list[Path
         install(wheel, root / "opt/dualrec/wheels" / wheel.name)
     # /lib, not /usr/lib: Bookworm's lintian and dh still expect units there (usrmerge moves
     # them on Trixie; /lib is a link to usr/lib there, so the path works on both).
-    install(ROOT / "boards/os/dualrec.service", root / "lib/systemd/system/dualrec.service")
+    for unit in ("dualrec.service", "dualrec-enroll.service"):
+        install(ROOT / "boards/os" / unit, root / "lib/systemd/system" / unit)
     install(DEB_DIR / "sysusers.conf", root / "usr/lib/sysusers.d/dualrec.conf")
     install(DEB_DIR / "tmpfiles.conf", root / "usr/lib/tmpfiles.d/dualrec.conf")
     conffiles = []

@@ -134,3 +134,18 @@ def test_hardening_keeps_what_the_gateway_needs() -> None:
     assert s["SystemCallFilter"] == ["@system-service adjtimex"]
     assert "PrivateUsers" not in s  # it would map away the device groups
     assert s["UMask"] == ["0077"]
+
+
+def test_enroll_unit_verifies(tmp_path: Path) -> None:
+    """boards/os/dualrec-enroll.service (first-boot enrollment) parses cleanly too, and does
+    not retry what a technician must fix (refused token, bad bundle)."""
+    text = (UNIT.parent / "dualrec-enroll.service").read_text()
+    assert "RestartPreventExitStatus=1 78" in text and "User=dualrec" in text
+    true = shutil.which("true")
+    assert true is not None
+    text = text.replace("/opt/dualrec/venv/bin/dualrec", true).replace("/bin/systemctl", true)
+    unit = tmp_path / "dualrec-enroll.service"
+    unit.write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert (done.stdout + done.stderr).strip() == "" and done.returncode == 0, done

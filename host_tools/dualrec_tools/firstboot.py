@@ -58,6 +58,9 @@ if [ -d /etc/chrony/conf.d ]; then
         > /etc/chrony/conf.d/dualrec.conf
 fi
 systemctl enable dualrec.service
+# keys are made on the box: enroll with the bundle's single-use token (retried until the
+# receiver answers; dualrec-enroll.service restarts the gateway once enrolled)
+[ -e /etc/dualrec/enroll.json ] && systemctl enable dualrec-enroll.service
 rm -f "$DEB"
 runuser -u dualrec -- /opt/dualrec/venv/bin/dualrec check-config \\
     --board /etc/dualrec/board.toml --site /etc/dualrec/site.toml || true
