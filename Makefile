@@ -25,6 +25,7 @@ test: setup lint
 	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=10
 
 bench: setup
+	scripts/setup-bench.sh
 	$(BIN)/python -m tests.bench.run
 
 # Not part of `make test` (tests/test_soak_short.py is its short version). Needs root (tmpfs).

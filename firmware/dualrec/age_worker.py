@@ -21,9 +21,9 @@ Lifelines, as the Python worker had (a kill -9 of the gateway must leave no proc
   - the kernel sends SIGKILL to age when the gateway dies: `setpriv --pdeathsig KILL` (util-linux)
     sets PR_SET_PDEATHSIG and execs age, no preexec_fn in a threaded process. The signal fires
     when the *thread* that started the process ends, not only the process: a warm process killed
-    that way, or by anything else, is replaced at the next request, and a request that finds its
-    process dead before any byte came out is retried once on a new one (encryption commits
-    nothing, the output file is truncated);
+    that way, or by anything else, is replaced at the next request, and a request whose process
+    dies under it is retried once on a new one (encryption commits nothing, the output file is
+    truncated);
   - EOF: the gateway's end of the stdin pipe closes when it dies; age then encrypts what it has
     to a stdout nobody reads and exits on the broken pipe. This also covers a gateway that died
     between the fork and the prctl.
@@ -256,9 +256,10 @@ class AgeWorker:
         if code != 0 or broken is not None:
             if message and code > 0:  # age said why (a bad recipient): not worth a retry
                 raise AgeWorkerError(f"age exited with {code}: {message}")
-            if drain.size == 0:
-                raise _Died(f"age died (exit status {code}): {broken or message}")
-            raise AgeWorkerError(f"age died mid-stream (exit status {code}): {message}")
+            # Killed (the OOM killer, the parent-death signal of a thread that ended): a warm
+            # process has already written its header by then, so the output is no guide;
+            # encryption commits nothing and the caller's file is truncated: retried once.
+            raise _Died(f"age died (exit status {code}): {broken or message}")
         if drain.header_size is None:
             raise AgeWorkerError("age wrote no header")
         return Encrypted(plain_size, drain.size, drain.header_size, drain.sha.hexdigest())
@@ -285,5 +286,5 @@ class AgeWorker:
 
 
 class _Died(Exception):
-    """The process was gone before it produced anything: safe to retry on a new one."""
+    """The process died without saying why (a signal): safe to retry on a new one."""
 

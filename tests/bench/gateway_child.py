@@ -219,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fps", type=int, default=30)
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--no-rt", action="store_true",
+                    help="capture threads keep normal scheduling (as where SCHED_RR is refused)")
     args = ap.parse_args(argv)
     memory = {"interpreter": _RSS_INTERPRETER_KIB}
     import importlib
@@ -236,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dualrec.sim.replay_camera import ReplayCamera
 
     memory["+ dualrec modules"] = _status_kib("VmRSS")
+    if args.no_rt:
+        from dualrec.devices import runtime
+
+        runtime._rt_refused = True
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 

@@ -13,6 +13,11 @@ Run as ``python -m tests.bench.run [--seconds 60]``. In order:
 3. Baseline on the same machine: the same H.264 stream, PCM and log bytes as files (written
    before measuring), then ``ffmpeg -c copy -f matroska - | age -r R | sha256sum`` (with the log
    bytes appended to age's input), measured the same way.
+4b. Under a CPU hog: the gateway again, at the unit's Nice=-5, while `stress-ng --cpu N` (N =
+   cores, nice 0; scripts/setup-bench.sh installs it) keeps every core busy: dropped frames,
+   source lateness, log lines kept, and the audio-log offsets at the clapper instants (the
+   terminal writes MARK lines when the sim microphone beeps) against the quiet run's.
+   --no-hog leaves it out.
 4. Sealing throughput on real packed segments (~10 s each): Sealer.seal, pyrage.encrypt plus
    the durable write, and the `age` CLI writing the same bytes to a file.
 5. The uplink (tests.bench.uplink_bench), over loopback mutual TLS to the real receiver in a
@@ -57,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 import pyrage
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -81,6 +87,9 @@ MB = 1_000_000
 WIDTH, HEIGHT, FPS, GOP = 1920, 1080, 30, 30
 RATE = 48000
 BLOCK = 960  # SimMicrophone's default block: 20 ms
+CLAP_PERIOD_MS = 7000  # boards/sim.toml's [sim] clap_period_ms: the microphone's beeps
+# The unit's Nice=-5 (packaging), for the gateway under the CPU hog (part 4b).
+UNIT_NICE = -5
 # A child that overruns its run by this much is killed: the bench always ends by itself.
 GRACE_S = 120
 
@@ -218,16 +227,20 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_gateway(work: Path, keys: Keys, clip_path: Path, seconds: float, oplog_rate: float,
-                wrapper: Sequence[str] = ()) -> tuple[Usage, dict[str, Any], dict[str, Any]]:
-    """One gateway child with its busy terminal; (wait4 usage, child report, writer summary)."""
+                wrapper: Sequence[str] = (), writer_wrapper: Sequence[str] = (),
+                clap_period_ms: int = CLAP_PERIOD_MS, child_args: Sequence[str] = (),
+                ) -> tuple[Usage, dict[str, Any], dict[str, Any]]:
+    """One gateway child with its busy terminal; (wait4 usage, child report, writer summary).
+    The terminal writes a MARK line at every clapper instant (the sim microphone beeps then)."""
     link = work / "ttyBENCH"
     site = write_site(work / "site", keys, link)
     report = work / "gateway.json"
     stderr_path = work / "gateway.stderr"
     env = child_env()
     writer = subprocess.Popen(
-        [sys.executable, "-m", "tests.bench.oplog_writer", "--link", str(link),
-         "--rate", str(oplog_rate), "--duration-s", str(seconds + 60)],
+        [*writer_wrapper, sys.executable, "-m", "tests.bench.oplog_writer", "--link", str(link),
+         "--rate", str(oplog_rate), "--duration-s", str(seconds + 60),
+         "--clap-period-ms", str(clap_period_ms)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -238,7 +251,8 @@ def run_gateway(work: Path, keys: Keys, clip_path: Path, seconds: float, oplog_r
         cmd = [*wrapper, sys.executable, "-m", "tests.bench.gateway_child",
                "--board", str(ROOT / "boards" / "sim.toml"), "--site", str(site),
                "--clip", str(clip_path), "--width", str(WIDTH), "--height", str(HEIGHT),
-               "--fps", str(FPS), "--seconds", str(seconds), "--out", str(report)]
+               "--fps", str(FPS), "--seconds", str(seconds), "--out", str(report),
+               *child_args]
         with stderr_path.open("wb") as err:
             usage = run_measured(cmd, timeout_s=seconds + GRACE_S, cwd=ROOT, env=env,
                                  stdout=subprocess.DEVNULL, stderr=err)
@@ -268,6 +282,142 @@ def check_payload(spool: Path, identity: pyrage.x25519.Identity) -> dict[str, An
     with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
         members = {m.name: m.size for m in tar.getmembers()}
     return {"ok": "media.mkv" in members, "file": payloads[-1].name, "members": members}
+
+
+def _beep_onsets(mkv: bytes, origin_ns: int) -> list[int]:
+    """CLOCK_MONOTONIC times of the beep onsets in a segment's media.mkv (audio alone is
+    decoded, with dualrec_tools.sync's threshold and quiet gap)."""
+    from dualrec_tools.sync import BEEP_THRESHOLD, QUIET_NS, _amplitude
+
+    onsets: list[int] = []
+    last: int | None = None
+    with av.open(io.BytesIO(mkv)) as container:
+        if not container.streams.audio:
+            return onsets
+        stream = container.streams.audio[0]
+        for frame in container.decode(stream):
+            if frame.pts is None or frame.time_base is None:
+                continue
+            t0 = frame.pts * frame.time_base.numerator * NS // frame.time_base.denominator
+            for i in np.flatnonzero(_amplitude(frame) > BEEP_THRESHOLD):
+                t = t0 + int(i) * NS // frame.sample_rate
+                if last is None or t - last > QUIET_NS:
+                    onsets.append(origin_ns + t)
+                last = t
+    return onsets
+
+
+def clapper_sync(spool: Path, identity: pyrage.x25519.Identity) -> dict[str, Any]:
+    """At each clapper instant: how late the log stamped its MARK line (first byte on the
+    wire), how far the beep's onset in the recorded audio is from it, and audio - log, the
+    offset a reviewer sees between the two streams (dualrec_tools.sync's audio_log)."""
+    from dualrec.segment_format import parse_header
+
+    origins: dict[str, int] = {}
+    marks: dict[int, int] = {}  # clap instant -> the log's stamp
+    beeps: list[int] = []
+    for hdr_path in sorted(spool.glob("*.hdr.json")):
+        h = parse_header(hdr_path.read_bytes())
+        if not h["session"]:
+            continue
+        if h["session_index"] == 0:
+            origins[h["session"]] = h["start"]["mono_ns"]
+        payload = spool / hdr_path.name.replace(".hdr.json", ".payload.age")
+        plain = pyrage.decrypt(payload.read_bytes(), [identity])
+        with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()
+                       if m.isfile()}  # type: ignore[union-attr]
+        for line in members.get("oplog.jsonl", b"").splitlines():
+            rec = json.loads(line)
+            words = rec["text"].split()
+            if len(words) >= 3 and words[0] == "MARK" and words[2].startswith("t="):
+                marks[int(words[2][2:])] = rec["t_mono_ns"]
+        if "media.mkv" in members and h["session"] in origins:
+            beeps += _beep_onsets(members["media.mkv"], origins[h["session"]])
+    claps = []
+    for clap, logged in sorted(marks.items()):
+        near = min(beeps, key=lambda b: abs(b - clap), default=None)
+        audio = near if near is not None and abs(near - clap) < NS // 2 else None
+        claps.append({"clap_ns": clap, "log_late_ms": (logged - clap) / 1e6,
+                      "audio_ms": None if audio is None else (audio - clap) / 1e6,
+                      "audio_log_ms": None if audio is None else (audio - logged) / 1e6})
+    found = [c for c in claps if c["audio_log_ms"] is not None]
+    return {"claps": claps, "marks": len(marks), "with_beep": len(found),
+            "max_abs_audio_log_ms": max((abs(c["audio_log_ms"]) for c in found), default=None),
+            "max_log_late_ms": max((c["log_late_ms"] for c in claps), default=None)}
+
+
+def hog_command(seconds: float) -> list[str] | None:
+    """stress-ng with one CPU worker per core at normal priority, or None if not installed
+    (scripts/setup-bench.sh installs it)."""
+    exe = shutil.which("stress-ng")
+    if exe is None:
+        return None
+    return [exe, "--cpu", str(os.cpu_count() or 1), "--timeout", f"{int(seconds)}s", "--quiet"]
+
+
+def run_under_hog(work: Path, keys: Keys, clip_path: Path, seconds: float,
+                  oplog_rate: float) -> dict[str, Any]:
+    """Part 4b: the gateway at the unit's Nice=-5 while stress-ng keeps every core busy at
+    nice 0. The terminal (another machine at a counter) runs at nice -10 here, so that its MARK
+    lines leave on time and any lateness is the gateway's."""
+    cmd = hog_command(seconds + 90)
+    if cmd is None:
+        print("hog: stress-ng not found (scripts/setup-bench.sh installs it); skipped",
+              flush=True)
+        return {"skipped": "stress-ng not installed"}
+    print(f"hog: gateway at nice {UNIT_NICE} for {seconds:g} s under {' '.join(cmd[:3])} ...",
+          flush=True)
+    hog_work = work / "hog"
+    hog_work.mkdir()
+    hog = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load: list[float] = []
+    try:
+        time.sleep(2)  # the hog is running everywhere before the gateway starts
+        usage, gw, writer = run_gateway(hog_work, keys, clip_path, seconds, oplog_rate,
+                                        wrapper=["nice", "-n", str(UNIT_NICE)],
+                                        writer_wrapper=["nice", "-n", "-10"])
+        load = list(os.getloadavg())
+    finally:
+        hog.terminate()
+        try:
+            hog.wait(10)
+        except subprocess.TimeoutExpired:
+            hog.kill()
+            hog.wait()
+    return {"usage": asdict(usage), "gateway": gw, "writer": writer, "load_avg": load,
+            "hog": cmd, "sync": clapper_sync(Path(gw["spool"]), keys.identity)}
+
+
+def hog_rows(quiet: dict[str, Any], quiet_writer: dict[str, Any],
+             quiet_sync: dict[str, Any], hog: dict[str, Any]) -> list[tuple[str, str]]:
+    if "skipped" in hog:
+        return [("Under a CPU hog", ""), ("skipped", hog["skipped"])]
+    gw, writer, sync = hog["gateway"], hog["writer"], hog["sync"]
+
+    def offsets(s: dict[str, Any]) -> str:
+        vals = [f"{c['audio_log_ms']:+.1f}" for c in s["claps"] if c["audio_log_ms"] is not None]
+        return (f"{' '.join(vals) or 'none'} ms (log stamp late by at most "
+                f"{s['max_log_late_ms'] or 0:.1f} ms; {s['with_beep']}/{s['marks']} claps)")
+
+    def kept(g: dict[str, Any], w: dict[str, Any]) -> str:
+        sent = w.get("lines", 0) + w.get("marks", 0) - w.get("unheard", 0)
+        return f"{g['oplog_lines']} of {sent} sent with the port open"
+
+    return [
+        (f"Under a CPU hog ({Path(hog['hog'][0]).name} --cpu "
+         f"{hog['hog'][2]} at nice 0, gateway at nice {UNIT_NICE}; load average "
+         f"{' '.join(f'{x:.1f}' for x in hog['load_avg'])})", ""),
+        ("video frames / drops", f"{gw['video_frames']} / {gw['video_drops']} (quiet run: "
+                                 f"{quiet['video_frames']} / {quiet['video_drops']})"),
+        ("microphone late p99 / max", "{p99:.1f} / {max:.1f} ms".format(**gw["microphone_late_ms"])
+         + " (quiet run: {p99:.1f} / {max:.1f} ms)".format(**quiet["microphone_late_ms"])),
+        ("camera late p99 / max", "{p99:.1f} / {max:.1f} ms".format(**gw["camera_late_ms"])
+         + " (quiet run: {p99:.1f} / {max:.1f} ms)".format(**quiet["camera_late_ms"])),
+        ("log lines kept", f"{kept(gw, writer)} (quiet run: {kept(quiet, quiet_writer)})"),
+        ("sync audio - log at the claps", offsets(sync)),
+        ("  quiet run", offsets(quiet_sync)),
+    ]
 
 
 # --- the baseline ----------------------------------------------------------------------------
@@ -498,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--core", action="store_true",
                     help="only the gateway, baseline and sealing parts (1-4): quick iteration "
                          "on the box's own cost")
+    ap.add_argument("--no-hog", action="store_true",
+                    help="leave out part 4b (the gateway under stress-ng)")
     ap.add_argument("--skip-gateway", action="store_true",
                     help="run only the uplink part (clip, then part 5)")
     ap.add_argument("--uplink-segments", type=int, default=40,
@@ -624,7 +776,9 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         return _bench_uplink_only(args, work)
     seconds = args.seconds
     info = machine_info()
-    print(f"dualrec bench: {seconds} s session, {info['cpu']} x{info['cores']}", flush=True)
+    load_start = os.getloadavg()
+    print(f"dualrec bench: {seconds} s session, {info['cpu']} x{info['cores']}, load average "
+          f"{' '.join(f'{x:.2f}' for x in load_start)} (1, 5, 15 min)", flush=True)
     keys = make_keys(work / "keys")
 
     t0 = time.monotonic()
@@ -652,6 +806,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     gw_work.mkdir()
     usage, gw, writer = run_gateway(gw_work, keys, clip_path, seconds, args.oplog_rate)
     payload_check = check_payload(Path(gw["spool"]), keys.identity)
+    quiet_sync = clapper_sync(Path(gw["spool"]), keys.identity)
     recorded = gw["recorded_s"] or float(seconds)
     # The child's sampling thread (per-thread CPU, RSS of the tree, buffers) is the bench's
     # own cost, not the gateway's: taken off both figures.
@@ -671,6 +826,10 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
 
     print(f"sealing: {args.seal_segments} segments of 10 s ...", flush=True)
     seal = bench_sealing(work, keys, units, args.seal_segments, 10, args.oplog_rate)
+
+    hog: dict[str, Any] = {"skipped": "--no-hog"}
+    if not args.no_hog:
+        hog = run_under_hog(work, keys, clip_path, seconds, args.oplog_rate)
 
     profile: dict[str, Any] = {}
     if args.profile:
@@ -704,6 +863,10 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
                    "sealer_seal_vs_age_mb_s": seal["sealer_seal"]["mb_per_s_wall"] / age_mb,
                    "pyrage_durable_vs_age_mb_s": seal["pyrage_durable"]["mb_per_s_wall"] / age_mb},
         "sealing": seal,
+        "clapper_sync": quiet_sync,
+        "hog": hog,
+        "load_avg_at_start": list(load_start),
+        "load_avg_at_end": list(os.getloadavg()),
         "profile": profile,
         "uplink": uplink,
         "tap": tap,
@@ -781,6 +944,7 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         ("ratio pyrage+durable / age (wall MB/s)",
          f"{results['ratios']['pyrage_durable_vs_age_mb_s']:.2f}"),
     ]
+    rows += hog_rows(gw, writer, quiet_sync, hog)
     if not args.core:
         # Imported here: the core parts run without the receiver's and uplink's modules.
         from . import receiver_bench, tap_bench, uplink_bench
@@ -788,6 +952,9 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
         rows += [*uplink_bench.rows(uplink), *tap_bench.rows(tap), *receiver_bench.rows(receiver)]
     print()
     print(table(rows))
+    print(f"\nload average at the start {' '.join(f'{x:.2f}' for x in load_start)}, at the end "
+          f"{' '.join(f'{x:.2f}' for x in results['load_avg_at_end'])} (1, 5, 15 min; "
+          f"{info['cores']} cores)")
     if profile.get("self"):
         print("\nGateway hot spots (py-spy --gil: share of GIL-holding samples, imports left "
               "out; self):")

@@ -17,6 +17,7 @@ device name is also the fault LED pattern's name (dualrec.devices.gpio_panel.FAU
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -301,6 +302,37 @@ class Supervisor:
                 and not w.healthy(now)]
 
 
+# Capture threads (whatever thread a device delivers its samples on: our own loops, picamera2's,
+# PortAudio's callback thread) run SCHED_RR at the lowest real-time priority where permitted
+# (root, CAP_SYS_NICE or the unit's LimitRTPRIO=1): with every core busy at normal priority,
+# nice -5 alone left the microphone up to 340 ms late and dropped 28 of 900 frames in 30 s;
+# SCHED_RR 1, 0 drops and 37 ms (docs/decisions.md, Lean). A thread waiting for the GIL
+# sleeps, so it cannot starve the others; a runaway one is held to the kernel's real-time
+# throttle (sched_rt_runtime_us, 95 % of a core by default). A device whose capture thread does
+# heavy work itself (the simulated camera renders and encodes there) says capture_realtime =
+# False and is left alone.
+CAPTURE_RT_PRIORITY = 1
+_capture = threading.local()
+_rt_refused = False
+
+
+def capture_priority() -> None:
+    """Put the calling thread in SCHED_RR once; a refusal is logged once and not retried."""
+    global _rt_refused
+    if getattr(_capture, "done", False):
+        return
+    _capture.done = True
+    if _rt_refused or not hasattr(os, "sched_setscheduler"):
+        return
+    try:
+        # RESET_ON_FORK: threads this one creates (an encoder's workers) are not real-time.
+        policy = os.SCHED_RR | getattr(os, "SCHED_RESET_ON_FORK", 0)
+        os.sched_setscheduler(0, policy, os.sched_param(CAPTURE_RT_PRIORITY))
+    except OSError as exc:
+        _rt_refused = True
+        log.info("capture threads keep normal scheduling (SCHED_RR refused: %s)", exc)
+
+
 class DeviceRunner:
     """Starts one device (start(sink, events)/stop()) and, while it is absent or failing at
     start, records the fault and tries again with backoff until it joins or stop().
@@ -323,6 +355,7 @@ class DeviceRunner:
         self.emit = EventEmitter(name, events)
         self._backoff = Backoff(backoff_first_s, backoff_cap_s)
         self._start_args = start_args  # a panel starts with (events) only
+        self._realtime = bool(getattr(device, "capture_realtime", True))
         # A running device whose own fault lasts this long is stopped and started again
         # (None: the backend heals itself, as the serial line reopening every 0.5 s does).
         self.restart_after_s = restart_after_s
@@ -340,6 +373,8 @@ class DeviceRunner:
     # --- what the device is handed --------------------------------------------------------
 
     def deliver(self, sample: Any) -> None:
+        if self._realtime:
+            capture_priority()  # on the device's capture thread: the first sample raises it
         self.delivered += 1
         self.last_delivery_ns = time.monotonic_ns()
         self._sink(sample)

@@ -190,6 +190,10 @@ def _open_encoder(fmt: VideoFormat, gop: int, bitrate: int) -> VideoCodecContext
 class SimCamera:
     """Camera protocol implementation producing a real-time H.264 test pattern."""
 
+    # Its thread renders and encodes every frame (software H.264): not one to run real-time
+    # (dualrec.devices.runtime.capture_priority).
+    capture_realtime = False
+
     def __init__(
         self,
         width: int = 640,
