@@ -156,7 +156,10 @@ License: other
 def control(target: Target, arch: str, version: str, installed_kib: int) -> str:
     major, minor = (int(x) for x in target.python.split("."))
     depends = ", ".join([f"python3 (>= {major}.{minor}~)", f"python3 (<< {major}.{minor + 1})",
-                         "python3-venv", "python3-numpy (>= 1:1.24)", "systemd"])
+                         "python3-venv", "python3-numpy (>= 1:1.24)", "systemd",
+                         # the sealer streams each segment through age(1); setpriv ties it to
+                         # the gateway's life (firmware/dualrec/age_worker.py)
+                         "age"])  # setpriv: util-linux, essential
     return f"""Package: dualrec
 Version: {version}
 Architecture: {arch}
