@@ -30,11 +30,11 @@ from dualrec_tools.tap import Firmware, FirmwareFile, TapToolError
 MICROPYTHON_VERSION = "1.28.0"
 UF2_NAME = "RPI_PICO-20260406-v1.28.0.uf2"
 UF2_URL = "https://micropython.org/resources/firmware/" + UF2_NAME
-# The SHA-256 of UF2_URL. Empty: this checkout was written where micropython.org could not be
-# reached, so no hash could be taken; until one is recorded here (from the file downloaded from
-# UF2_URL, compared with a second download), every UF2 is refused. A hash typed from memory
-# would be worse than none.
-UF2_SHA256 = ""
+# The SHA-256 of UF2_URL. micropython.org cannot be reached where this was written: the value
+# is the one a public project pins for the same file in its verified-download script (found
+# twice there, consistent), not a download of ours. Check it against the file from UF2_URL on
+# the first flash (`sha256sum`); a mismatch is refused, never flashed.
+UF2_SHA256 = "986e7d814fc89da543d49ce7948cae2c461add4739add21e427fc581d3bb67b0"
 
 RP2040_FAMILY = 0xE48BFF56
 _UF2_MAGIC = (0x0A324655, 0x9E5D5157, 0x0AB16F30)
