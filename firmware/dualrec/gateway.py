@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -218,7 +219,8 @@ class Gateway:
 
             self.uplink = Uplink(self.spool, site.uplink, site.device.id, self.q.put,
                                  self.lamp.reporter("uplink"),
-                                 on_quarantine=self.lamp.reporter("quarantine"))
+                                 on_quarantine=self.lamp.reporter("quarantine"),
+                                 state=self._report_state)
             if hasattr(self.uplink, "_threads"):
                 self.uplink._threads = [self.supervisor.adopt(t) for t in self.uplink._threads]
         cam, mic = self.devices.camera, self.devices.microphone
@@ -530,6 +532,15 @@ class Gateway:
             problems.append(f"sealer stuck: {pending} segment(s) waiting, none sealed for "
                             f"{SEAL_STUCK_S:.0f} s and no fault")
         return problems
+
+    def _report_state(self) -> dict[str, Any]:
+        """The box's own figures for the uplink's state report (no customer data)."""
+        used, free = self.spool.usage()
+        backlog = getattr(self.sealing, "backlog", None)
+        return {"spool_used_bytes": used, "spool_quota_bytes": self.quota.quota,
+                "spool_free_bytes": free,
+                "unsealed_bytes": backlog()[1] if backlog is not None else None,
+                "faults": sorted(list(self.faults.active))}
 
     def _check_quota(self, now: int) -> None:
         change = self.quota.check()

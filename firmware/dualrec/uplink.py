@@ -13,12 +13,19 @@ bad link, malformed, bad signature, oversized, a corrupt local payload) quaranti
 hour and at each start); a refusal of one segment that may pass later (5xx, 429, 422 on an intact
 file) holds that segment back with its own backoff while the rest flow. Any other error of either
 sender, of any type (a spool SQLite on a full disk included), is retried with backoff.
+
+When the gateway gives it a `state` callable, a light third loop also reports the box's own state
+(spool use, quota, active fault names, firmware; no customer data) to
+`PUT /v1/devices/{id}/report` at start and every REPORT_INTERVAL_S, on a client of its own. A
+failed report is logged at a limited rate and retried at the next interval: it is never a fault
+and never touches the senders.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import ssl
 import threading
 import time
@@ -30,7 +37,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from dualrec import renew
+from dualrec import __version__, renew
 from dualrec.config import UplinkSection
 from dualrec.ratelimit import Backoff, TokenBucket
 from dualrec.receipt import ReceiptError, verify_receipt
@@ -49,6 +56,12 @@ PERMANENT = frozenset({"fork", "bad_link", "malformed", "seq_mismatch", "bad_seq
                        "bad_request", "bad_signature", "oversized"})
 DEVICE_WIDE = frozenset({"unknown_device", "device_mismatch", "cert_mismatch"})
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+REPORT_INTERVAL_S = 60.0  # the box's state report (docs/UPLOAD.md "State report")
+REPORT_LOG_S = 600.0  # at most one warning per this many seconds about failing reports
+REPORT_FIELDS = ("spool_used_bytes", "spool_quota_bytes", "spool_free_bytes", "unsealed_bytes")
+MAX_REPORT_FAULTS = 32  # the receiver's limits on the faults list
+FAULT_NAME_MAX = 64
+_NOT_NAME = re.compile(r"[^a-z0-9_:.-]")
 
 
 def client_ssl_context(cfg: UplinkSection) -> ssl.SSLContext:
@@ -115,7 +128,9 @@ class Uplink:
                  report: Callable[[Event], None],
                  on_fault: Callable[[str | None], None] = lambda _: None,
                  transport: httpx.BaseTransport | None = None,
-                 on_quarantine: Callable[[str | None], None] = lambda _: None) -> None:
+                 on_quarantine: Callable[[str | None], None] = lambda _: None,
+                 state: Callable[[], dict[str, Any]] | None = None,
+                 report_interval_s: float = REPORT_INTERVAL_S) -> None:
         self.spool = spool
         self.cfg = cfg
         self.device = device_id
@@ -124,6 +139,10 @@ class Uplink:
         self._on_quarantine = on_quarantine
         self._receipt_key = load_receipt_key(cfg)
         self._base = cfg.url.rstrip("/") + f"/v1/devices/{device_id}/segments"
+        self._report_url = cfg.url.rstrip("/") + f"/v1/devices/{device_id}/report"
+        self._state = state
+        self._report_interval = report_interval_s
+        self.reports_sent = 0  # state reports the receiver accepted (tests, diag)
         self._stop = threading.Event()
         # Pacing waits on the stop event, so stop() never waits out a capped payload's pause.
         self._bucket = TokenBucket(cfg.bandwidth_bps, sleep=self._stop.wait)
@@ -158,6 +177,12 @@ class Uplink:
                                                      transport),
                              name="uplink-renew", daemon=True),
         ]
+        if state is not None:
+            self._clients.append(httpx.Client(verify=verify, timeout=timeout,
+                                              transport=transport))
+            self._threads.append(threading.Thread(target=self._report_loop,
+                                                  args=(self._clients[2],),
+                                                  name="uplink-report", daemon=True))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -202,6 +227,52 @@ class Uplink:
             self._clear(name)
             if not busy:
                 self._stop.wait(HEADER_POLL_S)
+
+    # --- the state report ------------------------------------------------------------------
+
+    def _report_loop(self, client: httpx.Client) -> None:
+        """Report at start and every interval; a failure is a rate-limited warning, no more."""
+        last_warned = -REPORT_LOG_S
+        missed = 0
+        while not self._stop.is_set():
+            try:
+                self._send_report(client)
+                if missed:
+                    log.info("state report delivered again after %d failed attempt(s)", missed)
+                missed = 0
+            except Exception as exc:  # any type: this thread must never die, nor disturb
+                if self._stop.is_set():
+                    break
+                missed += 1
+                now = time.monotonic()
+                if now - last_warned >= REPORT_LOG_S:
+                    last_warned = now
+                    log.warning("state report not delivered (%d in a row): %s: %s", missed,
+                                type(exc).__name__, exc)
+            self._stop.wait(self._report_interval)
+
+    def report_body(self) -> dict[str, Any]:
+        """The state report: the gateway's figures (non-negative ints), the active fault names
+        made safe for the receiver, the firmware and the UTC time. No customer data."""
+        assert self._state is not None
+        figures = self._state()
+        body: dict[str, Any] = {k: max(0, int(figures[k])) for k in REPORT_FIELDS
+                                if figures.get(k) is not None}
+        names = []
+        for raw in figures.get("faults", []):
+            name = _NOT_NAME.sub("_", str(raw).lower())[:FAULT_NAME_MAX]
+            if name and name not in names:
+                names.append(name)
+        body["faults"] = names[:MAX_REPORT_FAULTS]
+        body["firmware"] = __version__
+        body["utc_ns"] = time.time_ns()
+        return body
+
+    def _send_report(self, client: httpx.Client) -> None:
+        r = client.put(self._report_url, json=self.report_body())
+        if r.status_code != 204:
+            raise UploadError(f"report: {_describe(r)}")
+        self.reports_sent += 1
 
     def _count(self, **add: int) -> None:
         # both senders count (either may deliver a header or accept a receipt): += from two

@@ -4,8 +4,9 @@ the admin listener (loopback) or a listener of its own, never on the mutual-TLS 
 Per enrolled device (label `device`, a device id: no customer data in any label): last contact,
 headers, payloads, backlog, payload bytes, missing seqs, forks, problems by kind, clock synced and
 error bound (from the newest header's `clock`), firmware, certificate expiry, segments deleted by
-retention. Receiver-wide: connections, refusals and cuts by reason. The box does not report its
-spool use yet: there is no metric for it (alerts.yml has the rule for when it does).
+retention; from the box's own latest state report (PUT /v1/devices/{device}/report): spool use
+over quota, free bytes, the number of active faults and when it reported. Receiver-wide:
+connections, refusals and cuts by reason.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ def _device_metrics(figures: list[DeviceFigures]) -> Iterator[GaugeMetricFamily
     yield _gauge("dualrec_device_cert_expiry_timestamp_seconds",
                  "notAfter of the device's enrolled client certificate (UTC seconds)", figures,
                  lambda f: None if f.cert_not_after_ns is None else f.cert_not_after_ns * ns)
+    yield _gauge("dualrec_device_spool_used_ratio",
+                 "Spool use over its quota, as the box last reported it (0..1, above 1: over)",
+                 figures, lambda f: None if f.report is None else f.report.used_ratio)
+    yield _gauge("dualrec_device_spool_free_bytes",
+                 "Free bytes on the spool's filesystem, as the box last reported it", figures,
+                 lambda f: None if f.report is None else f.report.spool_free_bytes)
+    yield _gauge("dualrec_device_faults", "Faults active on the box at its last report",
+                 figures, lambda f: None if f.report is None else len(f.report.faults))
+    yield _gauge("dualrec_device_last_report_timestamp_seconds",
+                 "When the receiver stored the box's last state report (UTC seconds)", figures,
+                 lambda f: None if f.report is None else f.report.received_ns * ns)
     problems = CounterMetricFamily("dualrec_device_problems",
                                    "Refusals that concern evidence, by kind", labels=["device",
                                                                                       "kind"])

@@ -31,6 +31,7 @@ from dualrec_tools.receiver.bodies import RateCheck, TooLarge, TooSlow, read_bod
 from dualrec_tools.receiver.guard import Guard, GuardStats
 from dualrec_tools.receiver.limits import Limits
 from dualrec_tools.receiver.ratelog import RateLimitedLog
+from dualrec_tools.receiver.report import REPORT_MAX, BadReport, parse_report
 from dualrec_tools.receiver.store import (
     DEVICE_ID,
     Outcome,
@@ -367,6 +368,30 @@ async def get_head(request: web.Request) -> web.Response:
     return web.json_response(head_json(head))
 
 
+async def put_report(request: web.Request) -> web.Response:
+    """The box's own state (spool use, quota, active fault names, firmware): the device on the
+    connection only; the latest report is kept; 204, or 400 malformed and nothing stored."""
+    device = await _authenticate(request)
+    if isinstance(device, web.Response):
+        return device
+    limits = request.app[LIMITS]
+    try:
+        body = await read_body(request.content, REPORT_MAX, limits)
+    except TooLarge:
+        answer = refuse(request, device, "-", "oversized",
+                        f"report larger than {REPORT_MAX} bytes")
+        answer.force_close()
+        return answer
+    except TooSlow as exc:
+        return _too_slow(request, device, "-", exc)
+    try:
+        report = parse_report(body, limits)
+    except BadReport as exc:
+        return refuse(request, device, "-", "malformed", str(exc))
+    await asyncio.to_thread(request.app[STORE].put_report, device, report)
+    return web.Response(status=204)
+
+
 async def admin_status(request: web.Request) -> web.Response:
     return web.json_response(await asyncio.to_thread(request.app[STORE].status_all))
 
@@ -398,6 +423,7 @@ def make_app(store: ReceiverStore, max_payload: int = DEFAULT_MAX_PAYLOAD,
     app.router.add_get(f"{seg}/receipt", get_receipt)
     app.router.add_get("/v1/devices/{device}/status", get_status)
     app.router.add_get("/v1/devices/{device}/head", get_head)
+    app.router.add_put("/v1/devices/{device}/report", put_report)
     return app
 
 

@@ -29,6 +29,28 @@ class Head:
 
 
 @dataclass(frozen=True)
+class DeviceReport:
+    """The latest state a box reported of itself (PUT /v1/devices/{device}/report), validated:
+    byte counts are non-negative ints, faults short names; no customer data."""
+
+    spool_used_bytes: int
+    spool_quota_bytes: int
+    spool_free_bytes: int
+    unsealed_bytes: int | None
+    faults: tuple[str, ...]
+    firmware: str
+    utc_ns: int  # the box's clock when it reported
+    received_ns: int = 0  # the receiver's clock when it stored the report
+
+    @property
+    def used_ratio(self) -> float | None:
+        """Spool use over its quota (None when the quota is 0)."""
+        if self.spool_quota_bytes <= 0:
+            return None
+        return self.spool_used_bytes / self.spool_quota_bytes
+
+
+@dataclass(frozen=True)
 class DeviceFigures:
     """What metrics and alerts need per device, computed by the storage in one pass."""
 
@@ -48,6 +70,7 @@ class DeviceFigures:
     clock_synced: bool | None  # from the newest header's `clock` (None: no header yet)
     clock_error_ns: int | None  # its est_error_ns (-1: unknown)
     firmware: str | None
+    report: DeviceReport | None = None  # the box's own latest state report, if any
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,10 @@ class Storage(Protocol):
                     max_size: int) -> Outcome: ...
     def receipt(self, device: str, seq: int) -> bytes | None: ...
     def head(self, device: str) -> Head | None: ...
+
+    # the box's own state: only the latest report per device is kept
+    def put_report(self, device: str, report: DeviceReport) -> None: ...
+    def report(self, device: str) -> DeviceReport | None: ...
 
     # problems: aggregated per (device, seq, kind), bounded whatever arrives
     def record_problem(self, device: str, seq: int | None, kind: str, detail: str,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -31,7 +32,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from dualrec.segment_format import (
     verify_signature,
 )
 from dualrec_tools.pki import device_id_of
-from dualrec_tools.receiver.storage import DeviceFigures, Head, RetentionCandidate
+from dualrec_tools.receiver.storage import DeviceFigures, DeviceReport, Head, RetentionCandidate
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Bytes of a payload kept in memory to find its age header (a few hundred bytes in practice).
@@ -82,6 +83,8 @@ CREATE TABLE IF NOT EXISTS problems (
     count INTEGER NOT NULL DEFAULT 1, evidence BLOB);
 CREATE INDEX IF NOT EXISTS problems_by_device ON problems (device, seq);
 CREATE TABLE IF NOT EXISTS contact (device TEXT PRIMARY KEY, last_contact INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reports (
+    device TEXT PRIMARY KEY, report TEXT NOT NULL, received_at INTEGER NOT NULL);
 """
 # Columns added after the first release (ALTER TABLE on an older receiver.db): what metrics and
 # retention read without parsing every header again. deleted_at: retention removed the files;
@@ -521,6 +524,31 @@ class ReceiverStore:
             return None
         return Head(rows[0]["seq"], bytes(rows[0]["header"]), rows[0]["header_sha256"])
 
+    def put_report(self, device: str, report: DeviceReport) -> None:
+        """Keep the device's latest state report (replacing the one before)."""
+        doc = {k: v for k, v in asdict(report).items() if k != "received_ns"}
+        doc["faults"] = list(report.faults)
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?)",
+                       (device, json.dumps(doc, sort_keys=True), time.time_ns()))
+
+    def report(self, device: str) -> DeviceReport | None:
+        """The device's latest state report, or None."""
+        return self._reports(device).get(device)
+
+    def _reports(self, device: str | None = None) -> dict[str, DeviceReport]:
+        sql = "SELECT device, report, received_at FROM reports"
+        try:
+            rows = self._rows(sql + " WHERE device=?", device) if device else self._rows(sql)
+        except sqlite3.OperationalError:  # a read-only index from before reports existed
+            return {}
+        out = {}
+        for r in rows:
+            doc = json.loads(r["report"])
+            doc["faults"] = tuple(doc.get("faults", ()))
+            out[r["device"]] = DeviceReport(**doc, received_ns=r["received_at"])
+        return out
+
     # -- bookkeeping ------------------------------------------------------------------------
 
     def status(self, device: str) -> dict[str, Any]:
@@ -579,6 +607,7 @@ class ReceiverStore:
                             "GROUP BY device, kind"):
             probs.setdefault(r["device"], {})[r["kind"]] = r["n"]
         contact = {r[0]: r[1] for r in self._rows("SELECT device, last_contact FROM contact")}
+        reports = self._reports()
         out = []
         for dev in self._rows("SELECT id, cert_pem FROM devices ORDER BY id"):
             name, s_ = dev["id"], seg.get(dev["id"])
@@ -604,7 +633,7 @@ class ReceiverStore:
                 clock_synced=None if n is None or n["clock_synced"] is None
                 else bool(n["clock_synced"]),
                 clock_error_ns=n["clock_error_ns"] if n else None,
-                firmware=n["firmware"] if n else None))
+                firmware=n["firmware"] if n else None, report=reports.get(name)))
         return out
 
     # -- retention --------------------------------------------------------------------------

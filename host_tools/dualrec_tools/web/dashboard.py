@@ -1,8 +1,9 @@
 """The dashboard's figures per box: the storage interface's figures(), an upload rate from the
 index, and the box's current faults read from its newest idle segments' events (the receiver
 cannot decrypt them; this service holds the identity). Faults during a session are on that
-session's timeline, not here. Spool use is not reported by a box to the receiver, so the page
-says so rather than guessing.
+session's timeline, not here. Spool use (% of quota, free) and the fault names the box itself
+reported come from its latest state report (PUT /v1/devices/{device}/report); a box that has
+not reported says "not reported" rather than a guess.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dualrec.schema import EventRecord
 from dualrec.segment_format import parse_header, payload_name
 from dualrec.shield import shield
 from dualrec_tools.export import decrypt_payload, jsonl
+from dualrec_tools.receiver.storage import DeviceReport
 from dualrec_tools.web.archive import Archive
 
 NS = 1_000_000_000
@@ -82,6 +84,15 @@ class Faults:
                 for (dev, part), why in sorted(active.items())]
 
 
+def spool_text(report: DeviceReport | None) -> str:
+    """The box's reported spool use: "% of quota, free", or "not reported"."""
+    if report is None:
+        return "not reported"
+    ratio = report.used_ratio
+    used = "no quota" if ratio is None else f"{ratio * 100:.0f} % of quota"
+    return f"{used}, {report.spool_free_bytes / 2**30:.1f} GiB free"
+
+
 def rows(archive: Archive, faults: Faults, alert_after_s: float, tz: tzinfo) -> list[dict]:
     now = time.time_ns()
     out = []
@@ -100,8 +111,9 @@ def rows(archive: Archive, faults: Faults, alert_after_s: float, tz: tzinfo) -> 
             ("synced" if f.clock_synced else "NOT synced"),
             "clock_error_ms": None if f.clock_error_ns in (None, -1) else
             round(f.clock_error_ns / 1e6, 3),
-            "spool": "not reported",
+            "spool": spool_text(f.report),
             "faults": faults.current(f.device),
+            "reported_faults": None if f.report is None else list(f.report.faults),
             "gaps": [f"{a}..{b}" if a != b else str(a) for a, b in archive.gaps(f.device)],
             "missing": f.missing, "forks": f.forks,
             "problems": {k: v for k, v in f.problems.items()},

@@ -35,7 +35,11 @@ async function refreshDevices(table) {
     cell(tr, rate(d.upload_rate_bps));
     cell(tr, d.clock + (d.clock_error_ms === null ? "" : " ±" + d.clock_error_ms + " ms"));
     cell(tr, d.spool);
-    cell(tr, d.faults.length ? d.faults.join("; ") : "none");
+    let faults = d.faults.length ? d.faults.join("; ") : "none";
+    if (d.reported_faults) {  // the box's own state report, when it has sent one
+      faults += "; box reports: " + (d.reported_faults.length ? d.reported_faults.join(", ") : "none");
+    }
+    cell(tr, faults);
     cell(tr, d.gaps.length ? d.gaps.join(", ") : "none");
     const probs = Object.entries(d.problems).map(([k, v]) => k + " ×" + v).join(", ");
     cell(tr, d.forks + " forks" + (probs ? "; " + probs : ""));
