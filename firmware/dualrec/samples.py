@@ -1,6 +1,6 @@
 """What sources hand to the recorder: timestamped video packets, audio blocks, log lines, events.
 
-Every sample carries t_mono_ns, CLOCK_MONOTONIC nanoseconds at capture (DESIGN.md, timebase).
+Every sample carries t_mono_ns, CLOCK_MONOTONIC nanoseconds at capture (docs/FORMAT.md §5.3).
 Samples are immutable; the recorder and segmenter only pass them on.
 """
 

@@ -1,4 +1,4 @@
-"""The tap frame: how the Pico serial tap talks to the box over USB CDC (DESIGN.md, "Tap frame").
+"""The tap frame: how the Pico serial tap talks to the box over USB CDC (docs/tap.md, wire format).
 
 This one file is the codec of both ends: the MicroPython tap imports it as ``tapframe`` (installed
 next to its package by mip, or frozen), the gateway as ``dualrec.tapframe``. It therefore runs
