@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
-
-import av
 import numpy as np
 
 from dualrec.devices.base import AudioFormat, VideoFormat
 from dualrec.samples import AudioBlock, Event, LogLine, VideoPacket
 from dualrec.segment import Segment
+from dualrec_tools.vectors import encode_video
 
 VF = VideoFormat("h264", 160, 120, 10)
 AF = AudioFormat(8000 * 6, 1)
@@ -18,24 +16,9 @@ AF = AudioFormat(8000 * 6, 1)
 def encode_frames(
     n: int, t0: int, fps: int = 10, white: frozenset[int] = frozenset()
 ) -> list[VideoPacket]:
-    enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = VF.width, VF.height, "yuv420p"
-    enc.time_base = Fraction(1, fps)
-    enc.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(fps),
-                   "keyint_min": str(fps), "sc_threshold": "0",
-                   "x264-params": "repeat-headers=1"}
-    out = []
-    for i in range(n + 1):
-        frame = None
-        if i < n:
-            level = 250 if i in white else (i * 7) % 120
-            img = np.full((VF.height, VF.width, 3), level, np.uint8)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-            frame.pts = i
-        for p in enc.encode(frame):
-            t = t0 + p.pts * 1_000_000_000 // fps
-            out.append(VideoPacket(t, bytes(p), p.is_keyframe, p.pts))
-    return out
+    """Real H.264 of VF's size at fps; the frames in white are white (clapper flashes)."""
+    fmt = VideoFormat(VF.codec, VF.width, VF.height, fps)
+    return encode_video(fmt, n, t0, lambda i: 250 if i in white else (i * 7) % 120)
 
 
 def audio_blocks(seconds: int, t0: int, block: int = 480) -> list[AudioBlock]:

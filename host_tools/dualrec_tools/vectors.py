@@ -69,22 +69,32 @@ class Kit:
 # --- real segments ------------------------------------------------------------------------------
 
 
-def _video(n: int, t0: int, skip_first_key: bool = False) -> list[VideoPacket]:
+def encode_video(fmt: VideoFormat, n: int, t0: int, level: Callable[[int], int],
+                 gop: int | None = None) -> list[VideoPacket]:
+    """n flat frames of libx264 H.264 (grey level level(i), a keyframe every gop frames, SPS/PPS
+    on every keyframe as a camera sends them), stamped from t0 on the fps grid: real packets
+    for vectors and tests, made on the spot (nothing recorded is committed)."""
+    gop = gop or fmt.fps
     enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = VF.width, VF.height, "yuv420p"
-    enc.time_base = Fraction(1, VF.fps)
-    enc.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(VF.fps),
-                   "keyint_min": str(VF.fps), "sc_threshold": "0",
+    enc.width, enc.height, enc.pix_fmt = fmt.width, fmt.height, "yuv420p"
+    enc.time_base = Fraction(1, fmt.fps)
+    enc.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(gop),
+                   "keyint_min": str(gop), "sc_threshold": "0",
                    "x264-params": "repeat-headers=1"}
     out = []
     for i in range(n + 1):
         frame = None
         if i < n:
-            img = np.full((VF.height, VF.width, 3), (i * 37) % 200, np.uint8)
+            img = np.full((fmt.height, fmt.width, 3), level(i), np.uint8)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
             frame.pts = i
         for p in enc.encode(frame):
-            out.append(VideoPacket(t0 + p.pts * NS // VF.fps, bytes(p), p.is_keyframe, p.pts))
+            out.append(VideoPacket(t0 + p.pts * NS // fmt.fps, bytes(p), p.is_keyframe, p.pts))
+    return out
+
+
+def _video(n: int, t0: int, skip_first_key: bool = False) -> list[VideoPacket]:
+    out = encode_video(VF, n, t0, lambda i: (i * 37) % 200)
     return out[1:] if skip_first_key else out
 
 

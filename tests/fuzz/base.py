@@ -14,11 +14,9 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pyrage
 from click.testing import CliRunner
@@ -34,6 +32,7 @@ from dualrec.segment_format import header_name, parse_header, payload_name
 from dualrec.timebase import Anchor, Timebase
 from dualrec_tools.cli import main as tool_main
 from dualrec_tools.export import load_identities
+from dualrec_tools.vectors import encode_video
 from dualrec_tools.verify import DeviceKey, load_device_key
 
 NS = 1_000_000_000
@@ -90,21 +89,7 @@ def _keys(directory: Path, device: str, branch: bool) -> Ed25519PrivateKey:
 
 
 def _video(n: int, t0: int) -> list[VideoPacket]:
-    enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = VF.width, VF.height, "yuv420p"
-    enc.time_base = Fraction(1, VF.fps)
-    enc.options = {"preset": "ultrafast", "tune": "zerolatency", "g": "5", "keyint_min": "5",
-                   "sc_threshold": "0", "x264-params": "repeat-headers=1"}
-    out = []
-    for i in range(n + 1):
-        frame = None
-        if i < n:
-            img = np.full((VF.height, VF.width, 3), (i * 23) % 200, np.uint8)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-            frame.pts = i
-        for p in enc.encode(frame):
-            out.append(VideoPacket(t0 + p.pts * NS // VF.fps, bytes(p), p.is_keyframe, p.pts))
-    return out
+    return encode_video(VF, n, t0, lambda i: (i * 23) % 200, gop=5)
 
 
 def _audio(t0: int, seconds: int, block: int = 800) -> list[AudioBlock]:
