@@ -206,10 +206,18 @@ def enroll(site: SiteConfig, bundle: Bundle, *, wait_s: float = 0.0,
         except ValueError:
             word, detail = "", r.text[:200]
         raise EnrollFailed(f"the receiver refused: HTTP {r.status_code} {word}: {detail}", word)
+    cert = accept_certificate(r, up.ca, key, device, up.cert)
+    return Enrolled(up.cert, cert.not_valid_after_utc, already=False)
+
+
+def accept_certificate(r: httpx.Response, ca: Path, key: ec.EllipticCurvePrivateKey,
+                       device: str, path: Path) -> x509.Certificate:
+    """The certificate in an enrollment or renewal answer, checked (issued by the branch CA,
+    for this key and device) and written to path."""
     try:
         pem = str(r.json()["cert_pem"]).encode()
     except (ValueError, KeyError, TypeError):
         raise EnrollFailed("the receiver's answer holds no certificate") from None
-    cert = check_cert(pem, up.ca, key, device)
-    write_private(up.cert, pem, 0o644)
-    return Enrolled(up.cert, cert.not_valid_after_utc, already=False)
+    cert = check_cert(pem, ca, key, device)
+    write_private(path, pem, 0o644)
+    return cert

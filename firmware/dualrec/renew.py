@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dualrec.config import UplinkSection
-from dualrec.enroll import EnrollFailed, check_cert, csr_pem, tls_key, write_private
+from dualrec.enroll import EnrollFailed, accept_certificate, csr_pem, tls_key
 
 log = logging.getLogger("dualrec.renew")
 
@@ -45,12 +45,7 @@ def renew(cfg: UplinkSection, device: str, ctx: ssl.SSLContext,
         r = client.post(url, json={"csr_pem": csr_pem(key, device)})
     if r.status_code != 200:
         raise EnrollFailed(f"renewal refused: HTTP {r.status_code} {r.text[:200]}")
-    try:
-        pem = str(r.json()["cert_pem"]).encode()
-    except (ValueError, KeyError, TypeError):
-        raise EnrollFailed("the receiver's answer holds no certificate") from None
-    cert = check_cert(pem, cfg.ca, key, device)
-    write_private(cfg.cert, pem, 0o644)
+    cert = accept_certificate(r, cfg.ca, key, device, cfg.cert)
     ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
     return cert
 
