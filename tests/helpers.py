@@ -1,8 +1,9 @@
 """Helpers shared by test modules (fixtures live in conftest.py): paths, a site config writer,
-a small sim board, a bounded wait."""
+a small sim board, a bounded wait, a filler for a full disk."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -47,3 +48,19 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def fill(directory: Path) -> Path:
+    """A filler file that takes every free block (what the box sees with a full card)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (1 << 16, 4096, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler

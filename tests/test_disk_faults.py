@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import subprocess
 import tarfile
 import time
@@ -44,6 +43,7 @@ from dualrec_tools.localbox import enroll_in_data_dir, provision
 from dualrec_tools.receiver.server import ReceiverConfig, ReceiverThread
 from dualrec_tools.receiver.store import ReceiverStore
 from dualrec_tools.verify import load_device_key, verify_dir
+from helpers import fill
 from segments import BOOT_A, S1, make_segment
 
 pytestmark = pytest.mark.timeout(180)
@@ -74,22 +74,6 @@ def tmpfs() -> Iterator[Callable[[str], Path]]:
     for mnt in mounted:
         _run("umount", "-l", str(mnt))
         mnt.rmdir()
-
-
-def fill(directory: Path) -> Path:
-    """A filler file that takes every free block (what the box sees with a full card)."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for chunk in (1 << 16, 4096, 512, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * chunk)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def wait(what: str, cond: Callable[[], bool], timeout: float = 30) -> float:

@@ -66,7 +66,7 @@ from dualrec_tools.receiver.server import ReceiverConfig, ReceiverThread  # noqa
 from dualrec_tools.receiver.store import ReceiverStore  # noqa: E402
 from dualrec_tools.simcounter import Counter, receiver_status  # noqa: E402
 from dualrec_tools.verify import load_device_key, verify_dir  # noqa: E402
-from helpers import small_board  # noqa: E402
+from helpers import fill, small_board  # noqa: E402
 from segments import BOOT_A, S1, make_segment  # noqa: E402
 
 Say = Callable[[str], None]
@@ -283,21 +283,6 @@ def tmpfs(size: str) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", "-l", str(mnt)], timeout=30)
         mnt.rmdir()
-
-
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for chunk in (1 << 16, 4096, 512, 1):
-            while True:
-                try:
-                    os.write(fd, b"\0" * chunk)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def session(n: int) -> Iterator[Segment]:
