@@ -89,6 +89,9 @@ class Recorder:
         self._ring_keep_ns = preroll_ns + 3_000_000_000  # a keyframe interval of slack
         self._idle_lines: list[LogLine] = []  # outside every session, to seal in an idle segment
         self._idle_events: list[Event] = []
+        # kept as they come, so a tick (every 50 ms) does not walk the pending records
+        self._idle_oldest: int | None = None  # the earliest of their stamps
+        self._idle_urgent: str | None = None  # an event kind to seal at once, if one came
         self._idle_bytes = 0
         self._last_orphan_txn = ""
         self._last_end_ns = 0  # end of the newest segment this recorder emitted
@@ -258,14 +261,17 @@ class Recorder:
             self._idle_bytes += len(sample.raw)
         elif isinstance(sample, Event):
             self._idle_events.append(sample)
+            if sample.kind in ON_RECORD_WHEN_IDLE and self._idle_urgent is None:
+                self._idle_urgent = sample.kind
+        else:
+            return
+        if self._idle_oldest is None or sample.t_mono_ns < self._idle_oldest:
+            self._idle_oldest = sample.t_mono_ns
 
     def tick(self, now_ns: int) -> None:
         self.seg.tick(now_ns)  # also when idle: a final segment may still be in its grace
         if self.state == "idle" and not self.seg.active:
-            urgent = next((e.kind for e in self._idle_events if e.kind in ON_RECORD_WHEN_IDLE),
-                          None)
-            oldest = min([x.t_mono_ns for x in self._idle_lines + self._idle_events],
-                         default=None)
+            urgent, oldest = self._idle_urgent, self._idle_oldest
             if urgent is not None:
                 self._seal_idle(urgent)
             elif oldest is not None and (now_ns - oldest >= self.idle_seal_ns
@@ -310,6 +316,7 @@ class Recorder:
         lines = sorted(self._idle_lines, key=lambda x: x.t_mono_ns)
         events = list(self._idle_events)
         self._idle_lines, self._idle_events, self._idle_bytes = [], [], 0
+        self._idle_oldest = self._idle_urgent = None
         times = [x.t_mono_ns for x in lines] + [e.t_mono_ns for e in events]
         start = min(times)
         end = max(max(times) + 1, self._last_end_ns, self.seg.last_end_ns)
