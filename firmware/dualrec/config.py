@@ -266,14 +266,7 @@ class OpLogSection(_Strict):
     @field_validator("start_patterns", "stop_patterns")
     @classmethod
     def _regex(cls, patterns: list[str]) -> list[str]:
-        import re
-
-        for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"pattern {p!r} is not a regular expression: {exc}") from None
-        return patterns
+        return _regexes(patterns)
 
 
 def _regexes(patterns: list[str]) -> list[str]:
