@@ -247,7 +247,15 @@ def test_flipped_header_byte(rec: Recording, where: str, reason: str | tuple[str
               "device value": _offset_in(data, "device", 0),
               "payload sha256": _offset_in(data, "sha256", 10),
               "signature": _offset_in(data, "sig", 20)}[where]
-    flip(path, offset)
+    if where == "signature":
+        # a bit flip can leave the base64 alphabet ('z' ^ 1 is '{'), a schema finding instead
+        # of a bad signature: swap in another alphabet character so the case never depends on
+        # the random signature
+        changed = bytearray(data)
+        changed[offset] = ord("A") if data[offset] != ord("A") else ord("B")
+        path.write_bytes(bytes(changed))
+    else:
+        flip(path, offset)
     code, out = run_verify(rec)
     assert code == 1 and out[-1].startswith("FAILED")
     reasons = (reason,) if isinstance(reason, str) else reason
